@@ -1,0 +1,6 @@
+"""Sequence alignment: which teacher tokens and which student tokens cover the same bytes."""
+
+from .alignment import AlignedRows, Alignment
+from .spans import align_spans, pad_spans
+
+__all__ = ["AlignedRows", "Alignment", "align_spans", "pad_spans"]
