@@ -1,13 +1,14 @@
 """Byte-span alignment: linear-time, vectorised, batched.
 
 Given the byte spans of the same text under two tokenizers, the chunk boundaries are the byte positions where
-both sides have a token boundary. Because spans are monotone, every step below is a linear pass or a
-``searchsorted`` in numpy; there is no Python loop over tokens or samples.
+both sides have a token boundary. Each side marks its boundaries in a boolean array over the bytes; the other
+side looks its own token starts up in it, and a running count of the hits numbers the chunks. Every step is a
+linear vectorised pass (no Python loop over tokens or samples): O(n + m + bytes).
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -18,60 +19,39 @@ __all__ = ["align_spans", "pad_spans"]
 SpansLike = Union[np.ndarray, Sequence[np.ndarray]]
 
 
-def pad_spans(spans: SpansLike, *, length: int | None = None, name: str = "spans") -> np.ndarray:
-    """Stack per-sample ``(n_b, 2)`` spans into ``(B, L, 2)``; padding gets empty spans at the sample's end."""
-    if isinstance(spans, np.ndarray) and spans.ndim == 3:
-        if spans.shape[-1] != 2:
-            raise ValueError(f"{name} must have shape (B, L, 2), got {spans.shape}")
-        return spans.astype(np.int64, copy=False)
-    if isinstance(spans, np.ndarray) and spans.ndim == 2:
-        spans = [spans]
+class _Side(NamedTuple):
+    pos: np.ndarray  # flat positions (b * L + i) of the content tokens
+    g_start: np.ndarray  # their byte starts / ends in batch-global coordinates
+    g_end: np.ndarray
+    gaps: np.ndarray  # content tokens whose end is not the next one's start (gap, sample end, last token)
+    per_sample: np.ndarray  # (B,) number of content tokens per sample
+    marks: np.ndarray  # (total,) bool, True at every boundary byte
+
+
+def pad_spans(spans: SpansLike, *, name: str = "spans") -> np.ndarray:
+    """``(B, L, 2)`` int64 spans from a ``(B, L, 2)`` or ``(L, 2)`` array or a list of ``(n_b, 2)`` arrays
+    (or Encodings). Padding positions get an empty span at the sample's last byte."""
+    if not isinstance(spans, (list, tuple)):
+        arr = np.asarray(spans, dtype=np.int64)
+        if arr.ndim == 2 and arr.shape[-1] == 2:
+            return arr[None]
+        if arr.ndim == 3 and arr.shape[-1] == 2:
+            return arr
+        raise ValueError(f"{name} must have shape (L, 2) or (B, L, 2), got {arr.shape}")
     arrays = []
     for i, s in enumerate(spans):
         a = np.asarray(getattr(s, "spans", s), dtype=np.int64)
-        if a.ndim != 2 or (a.shape[0] and a.shape[1] != 2):
+        if a.size == 0:
+            a = a.reshape(0, 2)
+        if a.ndim != 2 or a.shape[1] != 2:
             raise ValueError(f"{name}[{i}] must have shape (n, 2), got {a.shape}")
-        arrays.append(a.reshape(-1, 2))
-    width = max([a.shape[0] for a in arrays] + [length or 0])
+        arrays.append(a)
+    width = max([a.shape[0] for a in arrays], default=0)
     out = np.empty((len(arrays), width, 2), dtype=np.int64)
     for i, a in enumerate(arrays):
-        end = int(a[:, 1].max()) if a.shape[0] else 0
         out[i, : a.shape[0]] = a
-        out[i, a.shape[0]:] = end
+        out[i, a.shape[0]:] = a[:, 1].max() if a.shape[0] else 0
     return out
-
-
-def _check(spans: np.ndarray, name: str) -> None:
-    starts, ends = spans[..., 0], spans[..., 1]
-    if (ends < starts).any():
-        b, i = map(int, np.argwhere(ends < starts)[0])
-        raise ValueError(f"{name}[{b}, {i}] = {spans[b, i].tolist()} has end < start")
-    if (starts < 0).any():
-        raise ValueError(f"{name} has negative byte offsets")
-    content = ends > starts
-    # Non-empty spans must be disjoint and increasing within a sample.
-    last_end = np.where(content, ends, -1)
-    prev_end = np.maximum.accumulate(last_end, axis=1)
-    bad = content[:, 1:] & (starts[:, 1:] < prev_end[:, :-1])
-    if bad.any():
-        b, i = map(int, np.argwhere(bad)[0])
-        raise ValueError(
-            f"{name}[{b}, {i + 1}] = {spans[b, i + 1].tolist()} overlaps an earlier token (spans must be disjoint and "
-            "increasing); spans from TokenizerView.encode always are"
-        )
-
-
-def _boundaries(g_start: np.ndarray, g_end: np.ndarray) -> np.ndarray:
-    """Sorted unique boundary positions of one side (starts and ends of its content tokens, already sorted)."""
-    inter = np.empty(2 * g_start.shape[0], dtype=np.int64)
-    inter[0::2] = g_start
-    inter[1::2] = g_end
-    if inter.shape[0] == 0:
-        return inter
-    keep = np.empty(inter.shape[0], dtype=bool)
-    keep[0] = True
-    np.not_equal(inter[1:], inter[:-1], out=keep[1:])
-    return inter[keep]
 
 
 def align_spans(teacher_spans: SpansLike, student_spans: SpansLike) -> Alignment:
@@ -89,7 +69,7 @@ def align_spans(teacher_spans: SpansLike, student_spans: SpansLike) -> Alignment
     Where one side covers fewer bytes (truncation), chunks stop at the last common boundary inside both covered
     ranges; the remaining bytes are counted in ``unaligned_bytes``. Where one side skips bytes inside its range
     (a normaliser dropped characters), the chunk around the gap is removed and its bytes counted likewise.
-    Cost: O(n + m) numpy work plus one ``searchsorted``.
+    Cost: O(n + m + bytes) vectorised numpy work.
     """
     t = pad_spans(teacher_spans, name="teacher_spans")
     s = pad_spans(student_spans, name="student_spans")
@@ -98,103 +78,54 @@ def align_spans(teacher_spans: SpansLike, student_spans: SpansLike) -> Alignment
             f"batch size mismatch: {t.shape[0]} teacher sequences but {s.shape[0]} student sequences; "
             "pass one span array per text on each side"
         )
-    _check(t, "teacher_spans")
-    _check(s, "student_spans")
-    batch = t.shape[0]
-    lt, ls = t.shape[1], s.shape[1]
+    batch, lt, ls = t.shape[0], t.shape[1], s.shape[1]
 
     # Lay the samples end to end with a one-byte gap, so one pass handles the whole batch.
     extent = np.zeros(batch, dtype=np.int64)
-    if lt:
-        extent = np.maximum(extent, t[..., 1].max(axis=1))
-    if ls:
-        extent = np.maximum(extent, s[..., 1].max(axis=1))
+    for spans in (t, s):
+        if spans.shape[1]:
+            np.maximum(extent, spans[..., 1].max(axis=1), out=extent)
     base = np.zeros(batch, dtype=np.int64)
     np.cumsum(extent[:-1] + 1, out=base[1:])
+    total = int(base[-1] + extent[-1]) + 1 if batch else 1
 
-    def side(spans: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        flat = spans.reshape(-1, 2)
-        content = flat[:, 1] > flat[:, 0]
-        pos = np.flatnonzero(content)
-        shift = base[pos // spans.shape[1]] if spans.shape[1] else np.zeros(0, dtype=np.int64)
-        return pos, flat[pos, 0] + shift, flat[pos, 1] + shift, content
+    ts = _side(t, "teacher_spans", base, total)
+    ss = _side(s, "student_spans", base, total)
+    t_rank, common = _ranks(ts, ss.marks)
+    s_rank, _ = _ranks(ss, ts.marks)
 
-    t_pos, t_gs, t_ge, _ = side(t)
-    s_pos, s_gs, s_ge, _ = side(s)
-
-    bt = _boundaries(t_gs, t_ge)
-    bs = _boundaries(s_gs, s_ge)
-    if bt.shape[0] and bs.shape[0]:
-        idx = np.searchsorted(bs, bt)
-        np.minimum(idx, bs.shape[0] - 1, out=idx)
-        common = bt[bs[idx] == bt]
-    else:
-        common = np.zeros(0, dtype=np.int64)
-
-    # Candidate chunk k = [common[k], common[k+1]); real when both ends lie in one sample.
-    cand_sample = np.searchsorted(base, common, side="right") - 1
-    real = cand_sample[:-1] == cand_sample[1:] if common.shape[0] > 1 else np.zeros(0, dtype=bool)
-    cand_len = np.diff(common)
-
-    n_cand = real.shape[0]
-
-    def member(g_start: np.ndarray) -> np.ndarray:
-        if not n_cand:
-            return np.full(g_start.shape[0], -1, dtype=np.int64)
-        k = np.searchsorted(common, g_start, side="right") - 1
-        ok = (k >= 0) & (k < n_cand)
-        k = np.where(ok, k, 0)
-        return np.where(ok & real[k], k, -1)
-
-    t_k = member(t_gs)
-    s_k = member(s_gs)
-    # A chunk is kept only where both sides cover all of its bytes (no gap on either side).
-    t_cov = np.bincount(t_k[t_k >= 0], weights=(t_ge - t_gs)[t_k >= 0], minlength=n_cand)
-    s_cov = np.bincount(s_k[s_k >= 0], weights=(s_ge - s_gs)[s_k >= 0], minlength=n_cand)
-    keep = real & (t_cov == cand_len) & (s_cov == cand_len)
-    new_id = np.cumsum(keep) - 1
-
-    def relabel(k: np.ndarray) -> np.ndarray:
-        kk = np.maximum(k, 0)
-        return np.where((k >= 0) & keep[kk], new_id[kk], -1) if n_cand else k
-
-    t_k = relabel(t_k)
-    s_k = relabel(s_k)
-
+    # Candidate chunk k = [common[k], common[k + 1]). It is a chunk when both ends lie in one sample and
+    # neither side skips bytes inside it (a normaliser that dropped text).
+    n_cand = max(common.shape[0] - 1, 0)
+    cand_sample = np.searchsorted(base, common, side="right") - 1 if batch > 1 else np.zeros_like(common)
+    keep = cand_sample[:-1] == cand_sample[1:] if n_cand else np.zeros(0, dtype=bool)
+    for sd, rank, other in ((ts, t_rank, ss.marks), (ss, s_rank, ts.marks)):
+        inner = sd.gaps[:-1]  # the last token's end closes the side: no gap after it
+        k = rank[inner] + other[sd.g_end[inner]]
+        keep[k[(k >= 0) & (k < n_cand)]] = False
     kept = np.flatnonzero(keep)
-    chunk_sample = cand_sample[kept]
-    chunk_bytes = np.stack([common[kept], common[kept + 1]], axis=1) - base[chunk_sample][:, None]
     num_chunks = kept.shape[0]
+    # Chunk id of a token = lut[rank + 1]: -1 before the first and after the last common boundary.
+    lut = np.full(n_cand + 2, -1, dtype=np.int64)
+    lut[kept + 1] = np.arange(num_chunks)
 
-    def per_side(pos: np.ndarray, k: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        chunk_of = np.full(batch * length, -1, dtype=np.int64)
-        chunk_of[pos] = k
-        inside = k >= 0
-        p, kk = pos[inside], k[inside]
-        first = np.zeros(num_chunks, dtype=np.int64)
-        count = np.bincount(kk, minlength=num_chunks).astype(np.int64)
-        if kk.shape[0]:
-            starts = np.ones(kk.shape[0], dtype=bool)
-            starts[1:] = kk[1:] != kk[:-1]
-            first[kk[starts]] = p[starts] % length
-        return chunk_of.reshape(batch, length), first, count
+    chunk_sample = cand_sample[kept]
+    chunk_bytes = np.empty((num_chunks, 2), dtype=np.int64)
+    chunk_bytes[:, 0] = common[kept]
+    chunk_bytes[:, 1] = common[kept + 1]
+    if batch > 1:
+        chunk_bytes -= base[chunk_sample][:, None]
 
-    teacher_chunk, teacher_first, teacher_count = per_side(t_pos, t_k, lt)
-    student_chunk, student_first, student_count = per_side(s_pos, s_k, ls)
+    teacher_chunk, teacher_first, teacher_count = _members(ts, lut[t_rank + 1], batch, lt, num_chunks)
+    student_chunk, student_first, student_count = _members(ss, lut[s_rank + 1], batch, ls, num_chunks)
 
-    def covered(spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        content = spans[..., 1] > spans[..., 0]
-        lo = np.where(content, spans[..., 0], np.iinfo(np.int64).max).min(axis=1, initial=np.iinfo(np.int64).max)
-        hi = np.where(content, spans[..., 1], -1).max(axis=1, initial=-1)
-        return lo, hi
-
-    tlo, thi = covered(t)
-    slo, shi = covered(s)
-    lo = np.minimum(tlo, slo)
-    hi = np.maximum(thi, shi)
-    covered_bytes = np.where(hi > lo, hi - lo, 0)
-    aligned = np.bincount(chunk_sample, weights=chunk_bytes[:, 1] - chunk_bytes[:, 0], minlength=batch)
-    unaligned = covered_bytes - aligned.astype(np.int64)
+    # Covered bytes per sample: from the first to the last byte either side covers.
+    t_lo, t_hi = _sample_extent(ts, base)
+    s_lo, s_hi = _sample_extent(ss, base)
+    covered_bytes = np.maximum(t_hi, s_hi) - np.minimum(t_lo, s_lo)
+    lengths = np.concatenate(([0], np.cumsum(chunk_bytes[:, 1] - chunk_bytes[:, 0])))
+    edges = np.searchsorted(chunk_sample, np.arange(batch + 1))
+    unaligned = covered_bytes - (lengths[edges[1:]] - lengths[edges[:-1]])
 
     return Alignment(
         teacher_chunk=teacher_chunk,
@@ -208,3 +139,94 @@ def align_spans(teacher_spans: SpansLike, student_spans: SpansLike) -> Alignment
         covered_bytes=covered_bytes,
         unaligned_bytes=unaligned,
     )
+
+
+def _side(spans: np.ndarray, name: str, base: np.ndarray, total: int) -> _Side:
+    """Content tokens of one side in global byte coordinates, validated, with boundary marks per byte."""
+    batch, length = spans.shape[0], spans.shape[1]
+    starts, ends = spans[..., 0].ravel(), spans[..., 1].ravel()
+    width = ends - starts
+    if (width < 0).any():
+        i = int(np.flatnonzero(width < 0)[0])
+        raise ValueError(f"{name}[{divmod(i, length)}] = [{starts[i]}, {ends[i]}] has end < start")
+    content = width > 0
+    pos = np.flatnonzero(content)
+    g_start, g_end = starts[pos], ends[pos]
+    per_sample = content.reshape(batch, length).sum(axis=1) if length else np.zeros(batch, dtype=np.int64)
+    if batch > 1:
+        shift = np.repeat(base, per_sample)
+        g_start += shift
+        g_end += shift
+    if g_start.shape[0] and g_start[0] < 0:
+        raise ValueError(f"{name} has a negative byte offset ({g_start[0]})")
+    step = g_start[1:] - g_end[:-1]
+    if (step < 0).any():
+        i = int(pos[1:][step < 0][0])
+        raise ValueError(
+            f"{name}[{divmod(i, length)}] = [{starts[i]}, {ends[i]}] overlaps an earlier token; spans must be "
+            "disjoint and increasing (spans from TokenizerView.encode always are)"
+        )
+    gaps = np.flatnonzero(step != 0)
+    if g_end.shape[0]:
+        gaps = np.append(gaps, g_end.shape[0] - 1)
+    marks = np.zeros(total, dtype=bool)
+    marks[g_start] = True
+    marks[g_end[gaps]] = True
+    return _Side(pos, g_start, g_end, gaps, per_sample, marks)
+
+
+def _ranks(sd: _Side, other_marks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each content token, the index of the last common boundary at or before its start (-1 if none);
+    and the sorted common boundaries. A common boundary is a token start of this side that the other side marks,
+    or an end followed by a gap that it marks."""
+    start_common = other_marks[sd.g_start]
+    rank = np.cumsum(start_common) - 1
+    common = sd.g_start[start_common]
+    gap_common = other_marks[sd.g_end[sd.gaps]]
+    if gap_common[:-1].any():
+        hit = sd.gaps[gap_common]
+        where = rank[hit] + 1  # such an end comes right after the common starts up to its own token
+        common = np.insert(common, where, sd.g_end[hit])
+        later = np.zeros(rank.shape[0] + 1, dtype=np.int64)
+        later[hit + 1] = 1
+        rank += np.cumsum(later[:-1])
+    elif gap_common.shape[0] and gap_common[-1]:  # the common case: only the very last end
+        common = np.append(common, sd.g_end[-1])
+    return rank, common
+
+
+def _members(sd: _Side, chunk: np.ndarray, batch: int, length: int, num_chunks: int):
+    """Per-token chunk ids as ``(B, L)``, and each chunk's first token position and token count."""
+    chunk_of = np.full(batch * length, -1, dtype=np.int64)
+    chunk_of[sd.pos] = chunk
+    first = np.zeros(num_chunks, dtype=np.int64)
+    count = np.zeros(num_chunks, dtype=np.int64)
+    if chunk.shape[0]:
+        # Chunk ids never decrease along the tokens, so each chunk's tokens form one run.
+        change = np.empty(chunk.shape[0], dtype=bool)
+        change[0] = True
+        np.not_equal(chunk[1:], chunk[:-1], out=change[1:])
+        opens = np.flatnonzero(change)
+        ids = chunk[opens]
+        runs = np.empty_like(opens)
+        np.subtract(opens[1:], opens[:-1], out=runs[:-1])
+        runs[-1] = chunk.shape[0] - opens[-1]
+        ok = ids >= 0
+        if not ok.all():
+            ids, opens, runs = ids[ok], opens[ok], runs[ok]
+        at = sd.pos[opens]
+        first[ids] = at % length if batch > 1 else at
+        count[ids] = runs
+    return chunk_of.reshape(batch, length), first, count
+
+
+def _sample_extent(sd: _Side, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First covered byte and last covered byte + 1 of each sample (global coordinates; lo == hi if empty)."""
+    close = np.cumsum(sd.per_sample)
+    open_ = close - sd.per_sample
+    has = sd.per_sample > 0
+    if not has.any():
+        return base.copy(), base.copy()
+    lo = np.where(has, sd.g_start[np.minimum(open_, sd.g_start.shape[0] - 1)], base)
+    hi = np.where(has, sd.g_end[np.maximum(close - 1, 0)], base)
+    return lo, hi
