@@ -66,6 +66,9 @@ class Encoding:
         uncovered_bytes: bytes of the text that no token covers (0 for a lossless tokenizer; non-zero where a
             normaliser deleted characters). Never silently ignored: the alignment reports them too.
         unknown_tokens: number of ``<unk>`` tokens (a lossy tokenization: the ids no longer spell the text).
+        special_in_text: special tokens that the tokenizer found written in the text (``"<|im_end|>"`` typed in
+            a document). They are control tokens, not text: their spans are empty and their bytes count as
+            uncovered, so they never end up paired with the other side's ordinary tokens.
     """
 
     ids: np.ndarray
@@ -73,6 +76,7 @@ class Encoding:
     num_bytes: int
     uncovered_bytes: int = 0
     unknown_tokens: int = 0
+    special_in_text: int = 0
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -202,6 +206,13 @@ class TokenizerView:
         blob = json.dumps({k: self._config.get(k) for k in keys}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
+    @cached_property
+    def special_mask(self) -> np.ndarray:
+        """``(vocab_size,)`` bool, True for :attr:`special_ids`."""
+        mask = np.zeros(self.vocab_size, dtype=bool)
+        mask[[i for i in self.special_ids if i < self.vocab_size]] = True
+        return mask
+
     @property
     def unk_id(self) -> int | None:
         return self.hf.unk_token_id
@@ -241,7 +252,16 @@ class TokenizerView:
         added = np.asarray(enc.special_tokens_mask, dtype=bool)  # tokens the post-processor added (BOS/EOS)
         byte_starts = cb[char_offsets[:, 0]]
         byte_ends = cb[char_offsets[:, 1]]
-        content = ~added & (byte_ends > byte_starts)
+        in_range = ids < self.vocab_size
+        special = self.special_mask[np.where(in_range, ids, 0)] & in_range
+        content = ~added & ~special & (byte_ends > byte_starts)
+        special_in_text = int((~added & special & (byte_ends > byte_starts)).sum())
+        if not content.any():
+            what = "special tokens only" if special_in_text else "no text the tokenizer keeps"
+            raise ValueError(
+                f"{self.name}: the text {text[:60]!r} holds {what}; there is nothing to align. Pass the content "
+                "without control tokens (for chats use CrossTokenizerCollator with {'messages': [...]})"
+            )
         spans = np.empty((n, 2), dtype=np.int64)
         idx = np.flatnonzero(content)
         if idx.shape[0]:
@@ -262,7 +282,7 @@ class TokenizerView:
         unk = self.unk_id
         unknown = int((ids == unk).sum()) if unk is not None else 0
         return Encoding(ids=ids, spans=spans, num_bytes=num_bytes, uncovered_bytes=num_bytes - covered,
-                        unknown_tokens=unknown)
+                        unknown_tokens=unknown, special_in_text=special_in_text)
 
     # ------------------------------------------------------------------ chat
     @property

@@ -80,7 +80,7 @@ def build_arrays(
         timings[name] = time.perf_counter() - clock[0]
         clock[0] = time.perf_counter()
         if progress:
-            bar.set_postfix_str(name)
+            bar.set_postfix_str(f"{name} done")
             bar.update(1)
 
     clock = [time.perf_counter()]

@@ -1,0 +1,241 @@
+"""The chunked engine: aligned rows in blocks, gradients computed inside the forward, memory bounded by a block.
+
+The loss of a chunk depends only on its own logits rows: the aligned row, plus, with a merge strategy, the rows
+that predict the chunk's other tokens. Chunks are disjoint token ranges, so every logits row belongs to at most one
+chunk. The engine walks the chunks in blocks of about ``chunk_size`` rows; for each block it gathers the rows
+(casting to fp32, or fp64 for fp64 logits), runs the mapping under autograd, takes the gradient with respect to the
+block's student rows at once and frees the block's vocabulary-sized buffers before the next block. It keeps one
+``(R, Vs)`` gradient per used student row (``R <= B * Ls``), the size of the rows the loss reads. In the backward
+each row's gradient is scaled by the upstream gradient of its chunk's loss, which makes any reduction exact.
+
+Peak memory is therefore ``O(chunk_size * (Vt + Vs))`` plus the stored row gradients, independent of batch and
+length, never ``batch x length x vocabulary x vocabulary``. A chunk longer than ``chunk_size`` tokens forms a block
+alone. The teacher is a constant: no gradient flows to teacher logits. Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+
+from .mappings import Block
+
+__all__ = ["Merge", "Plan", "build_plan", "chunked_loss"]
+
+Merge = Literal["none", "observed", "bayesian"]
+
+#: Token probabilities entering a chunk merge are floored at this value (as GOLD does), so a log never reaches -inf.
+MERGE_PROB_FLOOR = 1e-8
+
+
+@dataclass
+class Plan:
+    """Flat row indices (``sample * length + row``) of every chunk's rows, and the block boundaries.
+
+    ``*_base`` ``(K,)``: the row whose distribution the mapping compares (the aligned row; with ``bayesian`` merge the
+    row predicting the chunk's last token). ``*_scalar_row``/``_token``/``_chunk`` ``(M,)``: the rows predicting the
+    chunk's other tokens, the actual token ids, the owning chunk (sorted). ``blocks``: ``[start, end)`` chunk ranges.
+    """
+
+    num_chunks: int
+    student_base: torch.Tensor
+    teacher_base: torch.Tensor
+    student_scalar_row: torch.Tensor
+    student_scalar_token: torch.Tensor
+    student_scalar_chunk: torch.Tensor
+    teacher_scalar_row: torch.Tensor
+    teacher_scalar_token: torch.Tensor
+    teacher_scalar_chunk: torch.Tensor
+    blocks: list[tuple[int, int]]
+
+
+def _side(
+    sample: torch.Tensor, first: torch.Tensor, count: torch.Tensor, length: int, ids: torch.Tensor | None, merge: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    base = first + count - 2 if merge == "bayesian" else first - 1
+    base_flat = sample * length + base
+    empty = base_flat.new_zeros(0)
+    if merge == "none":
+        return base_flat, empty, empty, empty
+    n_scalar = count - 1
+    chunk = torch.repeat_interleave(torch.arange(first.shape[0], device=first.device), n_scalar)
+    start = torch.cumsum(n_scalar, 0) - n_scalar
+    offset = torch.arange(chunk.shape[0], device=first.device) - start[chunk]
+    token = first[chunk] + offset + (1 if merge == "observed" else 0)
+    assert ids is not None
+    token_id = ids[sample[chunk], token].long()
+    return base_flat, sample[chunk] * length + token - 1, token_id, chunk
+
+
+def build_plan(
+    rows: Any,
+    *,
+    merge: Merge,
+    student_length: int,
+    teacher_length: int,
+    chunk_size: int,
+    student_input_ids: torch.Tensor | None = None,
+    teacher_input_ids: torch.Tensor | None = None,
+) -> Plan:
+    """A :class:`Plan` from :class:`~xtok_kd.sequence.AlignedRows` (vectorised; no loop over chunks)."""
+    s_base, s_row, s_tok, s_chunk = _side(rows.sample, rows.student_first, rows.student_count, student_length,
+                                          student_input_ids, merge)
+    t_base, t_row, t_tok, t_chunk = _side(rows.sample, rows.teacher_first, rows.teacher_count, teacher_length,
+                                          teacher_input_ids, merge)
+    k = int(rows.sample.shape[0])
+    if merge == "none":
+        cost = torch.ones(k, dtype=torch.long)
+    else:
+        cost = torch.maximum(rows.student_count, rows.teacher_count).long().cpu()
+    before = torch.cumsum(cost, 0) - cost
+    block_id = (before // chunk_size).tolist()
+    starts = [i for i in range(k) if i == 0 or block_id[i] != block_id[i - 1]]  # O(K) ints, once per forward
+    blocks = list(zip(starts, starts[1:] + [k]))
+    return Plan(k, s_base, t_base, s_row, s_tok, s_chunk, t_row, t_tok, t_chunk, blocks)
+
+
+def _check_finite(x: torch.Tensor, flat_rows: torch.Tensor, length: int, side: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = int(flat_rows[(~torch.isfinite(x)).any(-1)][0])
+        raise ValueError(
+            f"{side} logits contain NaN or inf at batch {bad // length}, position {bad % length}; "
+            "the loss refuses non-finite logits (check the model's forward pass, or mask those positions out)"
+        )
+
+
+def _token_logp(rows: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    scaled = rows / temperature
+    lp = scaled.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scaled, -1)
+    return lp.clamp_min(math.log(MERGE_PROB_FLOOR))
+
+
+@dataclass
+class _Spec:
+    plan: Plan
+    block_fn: Callable[[Block], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    metric_names: tuple[str, ...]
+    student_width: int
+    teacher_width: int
+    student_length: int
+    teacher_length: int
+    temperature: float
+
+
+class _ChunkedKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, student_logits: torch.Tensor, teacher_logits: Any, topk_ids: Any, topk_logp: Any,
+                spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = spec.plan
+        needs_grad = bool(ctx.needs_input_grad[0])
+        cd = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+        s_flat = student_logits.reshape(-1, student_logits.shape[-1])
+        t_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1]) if teacher_logits is not None else None
+        tk_ids = topk_ids.reshape(-1, topk_ids.shape[-1]) if topk_ids is not None else None
+        tk_logp = topk_logp.reshape(-1, topk_logp.shape[-1]) if topk_logp is not None else None
+        vs, vt, temp = spec.student_width, spec.teacher_width, spec.temperature
+        k = plan.num_chunks
+        losses = torch.zeros(k, dtype=cd, device=student_logits.device)
+        metrics = torch.zeros(k, len(spec.metric_names), dtype=cd, device=student_logits.device)
+        grad_rows = torch.cat([plan.student_base, plan.student_scalar_row])
+        grad_chunk = torch.cat([torch.arange(k, device=grad_rows.device), plan.student_scalar_chunk])
+        compact = student_logits.new_zeros(grad_rows.shape[0], vs) if needs_grad else None
+        for c0, c1 in plan.blocks:
+            m0, m1 = (int(x) for x in torch.searchsorted(plan.student_scalar_chunk, torch.tensor([c0, c1])))
+            n0, n1 = (int(x) for x in torch.searchsorted(plan.teacher_scalar_chunk, torch.tensor([c0, c1])))
+            with torch.enable_grad():
+                s_rows = plan.student_base[c0:c1]
+                s_base = s_flat[s_rows, :vs].to(cd)
+                _check_finite(s_base, s_rows, spec.student_length, "student")
+                s_base.requires_grad_(needs_grad)
+                s_factor = t_factor = s_scalar = None
+                if m1 > m0:
+                    sc_rows = plan.student_scalar_row[m0:m1]
+                    s_scalar = s_flat[sc_rows, :vs].to(cd)
+                    _check_finite(s_scalar, sc_rows, spec.student_length, "student")
+                    s_scalar.requires_grad_(needs_grad)
+                    lp = _token_logp(s_scalar, plan.student_scalar_token[m0:m1], temp)
+                    s_factor = lp.new_zeros(c1 - c0).index_add(0, plan.student_scalar_chunk[m0:m1] - c0, lp)
+                t_rows = plan.teacher_base[c0:c1]
+                t_sc_rows = plan.teacher_scalar_row[n0:n1]
+                t_sc_tok = plan.teacher_scalar_token[n0:n1]
+                t_base = ids_b = logp_b = None
+                if t_flat is not None:
+                    t_base = t_flat[t_rows, :vt].to(cd)
+                    _check_finite(t_base, t_rows, spec.teacher_length, "teacher")
+                    if n1 > n0:
+                        t_scalar = t_flat[t_sc_rows, :vt].to(cd)
+                        _check_finite(t_scalar, t_sc_rows, spec.teacher_length, "teacher")
+                        lp_t = _token_logp(t_scalar, t_sc_tok, temp)
+                else:
+                    ids_b, logp_b = tk_ids[t_rows], tk_logp[t_rows].to(cd)
+                    _check_finite(logp_b, t_rows, spec.teacher_length, "teacher top-k")
+                    if n1 > n0:
+                        hit = tk_ids[t_sc_rows] == t_sc_tok[:, None]
+                        lp_t = tk_logp[t_sc_rows].to(cd).masked_fill(~hit, float("-inf")).amax(-1)
+                        lp_t = lp_t.clamp_min(math.log(MERGE_PROB_FLOOR))
+                if n1 > n0:
+                    t_factor = lp_t.new_zeros(c1 - c0).index_add(0, plan.teacher_scalar_chunk[n0:n1] - c0, lp_t)
+                block = Block(s_base, t_base, ids_b, logp_b, vt, s_factor, t_factor, temp)
+                loss_b, met_b = spec.block_fn(block)
+                if needs_grad:
+                    inputs = [s_base] if s_scalar is None else [s_base, s_scalar]
+                    grads = torch.autograd.grad(loss_b.sum(), inputs, allow_unused=True)
+            losses[c0:c1] = loss_b.detach()
+            for j, name in enumerate(spec.metric_names):
+                metrics[c0:c1, j] = met_b[name].detach()
+            if needs_grad:
+                assert compact is not None
+                if grads[0] is not None:
+                    compact[c0:c1] = grads[0]
+                if s_scalar is not None and grads[1] is not None:
+                    compact[k + m0:k + m1] = grads[1]
+            del block, s_base, s_scalar, t_base, loss_b, met_b
+        ctx.compact = compact
+        ctx.save_for_backward(grad_rows, grad_chunk)
+        ctx.logits_shape = student_logits.shape
+        ctx.mark_non_differentiable(metrics)
+        return losses, metrics
+
+    @staticmethod
+    def backward(ctx: Any, grad_losses: torch.Tensor, grad_metrics: Any) -> tuple[Any, ...]:
+        grad_rows, grad_chunk = ctx.saved_tensors
+        compact = ctx.compact
+        shape = ctx.logits_shape
+        out = compact.new_zeros(math.prod(shape[:-1]), shape[-1])
+        if compact.shape[0]:
+            scale = grad_losses.to(compact.dtype)[grad_chunk]
+            out[:, : compact.shape[1]].index_copy_(0, grad_rows, compact)
+            full = torch.zeros(out.shape[0], dtype=compact.dtype, device=out.device)
+            full[grad_rows] = scale
+            out.mul_(full[:, None])  # in place over the fresh buffer: no (R, V) temporary
+        return out.view(shape), None, None, None, None
+
+
+def chunked_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None,
+    plan: Plan,
+    *,
+    block_fn: Callable[[Block], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    metric_names: tuple[str, ...],
+    student_width: int,
+    teacher_width: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-chunk losses ``(K,)`` and metrics ``(K, len(metric_names))`` computed block by block.
+
+    Args:
+        student_logits: ``(B, Ls, >= student_width)``; differentiable.
+        teacher_logits: ``(B, Lt, >= teacher_width)``, or None with ``teacher_topk = (ids, logp)`` ``(B, Lt, k)``.
+        plan: from :func:`build_plan`.
+        block_fn: a mapping from :mod:`xtok_kd.losses.mappings` with its options bound.
+        student_width / teacher_width: vocabulary widths; wider logits are sliced to them before any softmax.
+    """
+    ids, logp = teacher_topk if teacher_topk is not None else (None, None)
+    spec = _Spec(plan, block_fn, metric_names, student_width, teacher_width, student_logits.shape[1],
+                 (teacher_logits if teacher_logits is not None else ids).shape[1], temperature)
+    return _ChunkedKD.apply(student_logits, teacher_logits, ids, logp, spec)

@@ -1,0 +1,410 @@
+"""VocabAlignment: the saved, fingerprinted map between a teacher and a student vocabulary.
+
+File format (``.safetensors``, format version 1): sparse arrays plus one JSON metadata entry ``"xtok_kd"`` holding
+the format version, both tokenizers' names, fingerprints and vocabulary sizes, methods and parameters, statistics,
+library version, the command that made it, and a sha256 over metadata and arrays. Ids are stored as int32,
+decompositions as pieces plus uint16 lengths (offsets and first pieces are derived on load), neighbours only for
+the rows that have some. In memory every id tensor is int64 and neighbours are dense.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from typing import Any, Literal
+
+import numpy as np
+
+from ..tokenizer import TokenizerView, load_tokenizer
+
+__all__ = ["VocabAlignment", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_FORMAT = "xtok_kd.vocab_alignment"
+_META_KEY = "xtok_kd"
+Direction = Literal["teacher_to_student", "student_to_teacher"]
+_DIRECTIONS = {"teacher_to_student": "t2s", "student_to_teacher": "s2t"}
+_PER_DIRECTION = ("first", "weight", "offsets", "pieces", "neighbours", "neighbour_scores")
+TENSORS = ("exact_teacher", "exact_student", "special_teacher", "special_student") + tuple(
+    f"{d}_{name}" for d in ("t2s", "s2t") for name in _PER_DIRECTION
+)
+_FLOAT = {"t2s_weight", "s2t_weight", "t2s_neighbour_scores", "s2t_neighbour_scores"}
+
+
+class VocabAlignment:
+    """A map between two vocabularies: exact matches, projections, neighbours and special-token pairs.
+
+    Tensors (torch, on :attr:`device`; ``Vt``/``Vs`` vocabulary sizes, ``K`` neighbours per token):
+
+    * ``exact_teacher``, ``exact_student``: ``(E,)`` int64, all pairs of non-special ids with equal canonical bytes.
+    * ``t2s_first``: ``(Vt,)`` int64, first student token of each teacher token's re-tokenised bytes (-1 if none);
+      ``t2s_weight``: ``(Vt,)`` float32, 1.0 where mapped; ``t2s_offsets`` ``(Vt + 1,)`` int64 and ``t2s_pieces``
+      ``(N,)`` int64, the full decomposition in CSR form; ``t2s_neighbours`` ``(Vt, K)`` int64 (-1 padded) and
+      ``t2s_neighbour_scores`` ``(Vt, K)`` float32 in [0, 1]: nearest student tokens by normalised edit distance,
+      for teacher tokens with no exact match (other rows are -1).
+    * ``s2t_*``: the same from student to teacher.
+    * ``special_teacher``, ``special_student``: ``(S,)`` int64 role-matched special pairs
+      (roles in ``metadata["special_roles"]``); a special id with a partner maps to it in ``*_first``.
+
+    Build with :meth:`build`, or :func:`xtok_kd.vocab.get_or_build` to cache it; save with :meth:`save`.
+    """
+
+    def __init__(self, tensors: dict[str, Any], *, metadata: dict[str, Any]) -> None:
+        missing = [name for name in TENSORS if name not in tensors]
+        if missing:
+            raise ValueError(f"VocabAlignment is missing tensors {missing}")
+        for name in TENSORS:
+            setattr(self, name, tensors[name])
+        self.metadata = metadata
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def teacher_name(self) -> str:
+        return self.metadata["teacher"]["name"]
+
+    @property
+    def student_name(self) -> str:
+        return self.metadata["student"]["name"]
+
+    @property
+    def teacher_fingerprint(self) -> str:
+        return self.metadata["teacher"]["fingerprint"]
+
+    @property
+    def student_fingerprint(self) -> str:
+        return self.metadata["student"]["fingerprint"]
+
+    @property
+    def teacher_vocab_size(self) -> int:
+        return int(self.metadata["teacher"]["vocab_size"])
+
+    @property
+    def student_vocab_size(self) -> int:
+        return int(self.metadata["student"]["vocab_size"])
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return self.metadata["stats"]
+
+    @property
+    def device(self) -> Any:
+        return self.t2s_first.device
+
+    def __repr__(self) -> str:
+        return (
+            f"VocabAlignment({self.teacher_name!r} [{self.teacher_fingerprint}] -> {self.student_name!r} "
+            f"[{self.student_fingerprint}], exact={self.exact_teacher.shape[0]}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(
+        cls,
+        teacher: Any,
+        student: Any,
+        *,
+        neighbours: int = 4,
+        window: int = 8,
+        command: str | None = None,
+        progress: bool = True,
+    ) -> "VocabAlignment":
+        """Build the table for ``teacher`` and ``student`` (a few seconds for two 150k vocabularies).
+
+        Args:
+            teacher: anything :func:`~xtok_kd.tokenizer.load_tokenizer` accepts (folder, hub id, tokenizer, view).
+            student: likewise.
+            neighbours: ``K``, edit-distance neighbours kept per token without an exact match (0 to skip).
+            window: candidates per side per sort order for the neighbour search (see :mod:`.fuzzy`).
+            command: the command line to record in the metadata (the CLI passes its own).
+            progress: show a tqdm bar over the build stages.
+        """
+        for key, value, low in (("neighbours", neighbours, 0), ("window", window, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+        from .build import build_arrays
+        from .. import __version__
+
+        t_view, s_view = load_tokenizer(teacher), load_tokenizer(student)
+        arrays, info, timings = build_arrays(t_view, s_view, neighbours=neighbours, window=window,
+                                             progress=progress)
+        metadata = {
+            "format": _FORMAT,
+            "format_version": FORMAT_VERSION,
+            "teacher": _describe(t_view),
+            "student": _describe(s_view),
+            "methods": ["exact", "projection", "neighbours", "specials"],
+            "parameters": info["parameters"],
+            "special_roles": info["special_roles"],
+            "stats": info["stats"],
+            "library_version": __version__,
+            "command": command or f"VocabAlignment.build({t_view.name!r}, {s_view.name!r}, "
+                                  f"neighbours={neighbours}, window={window})",
+        }
+        table = cls(_to_torch(arrays), metadata=metadata)
+        table.timings = timings
+        return table
+
+    @classmethod
+    def identity(cls, tokenizer: Any, **kwargs: Any) -> "VocabAlignment":
+        """The table of a tokenizer with itself: ``t2s_first[i] == i`` for every id."""
+        view = load_tokenizer(tokenizer)
+        return cls.build(view, view, **kwargs)
+
+    # ------------------------------------------------------------------ use
+    def projection(self, direction: Direction) -> tuple[Any, Any, Any]:
+        """Sparse COO map ``(src_ids, dst_ids, weights)``: ``(M,)`` int64, int64, float32.
+
+        One entry per mapped source id. Pushing a distribution ``p`` ``(R, V_src)`` into the other vocabulary is
+        ``out[:, dst_ids] += p[:, src_ids] * weights`` (``index_add_`` along dim 1).
+        """
+        d = _direction(direction)
+        first = getattr(self, f"{d}_first")
+        weight = getattr(self, f"{d}_weight")
+        src = (first >= 0).nonzero().squeeze(1)
+        return src, first[src], weight[src]
+
+    def decomposition(self, direction: Direction, token_id: int) -> list[int]:
+        """The other vocabulary's ids that spell source token ``token_id`` (empty if unmapped)."""
+        d = _direction(direction)
+        offsets = getattr(self, f"{d}_offsets")
+        size = offsets.shape[0] - 1
+        if not 0 <= int(token_id) < size:
+            raise IndexError(f"token id {token_id} is outside the source vocabulary of {size} ids")
+        lo, hi = int(offsets[token_id]), int(offsets[token_id + 1])
+        return getattr(self, f"{d}_pieces")[lo:hi].tolist()
+
+    def to(self, device: Any) -> "VocabAlignment":
+        """Move every tensor to ``device`` (in place); returns ``self``."""
+        for name in TENSORS:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def check_tokenizers(self, *, teacher: Any = None, student: Any = None) -> None:
+        """Raise ``ValueError`` when a given tokenizer's fingerprint differs from the one the table was built for."""
+        for role, tok in (("teacher", teacher), ("student", student)):
+            if tok is None:
+                continue
+            view = load_tokenizer(tok)
+            want = self.metadata[role]
+            if view.fingerprint != want["fingerprint"]:
+                raise ValueError(
+                    f"this table was built for {role} tokenizer {want['name']!r} (fingerprint {want['fingerprint']}), "
+                    f"but the {role} given is {view.name!r} (fingerprint {view.fingerprint}); rebuild it with "
+                    f"`xtok-kd align TEACHER STUDENT -o PATH` or pass the matching tokenizer"
+                )
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write the table to ``path`` (``.safetensors``) atomically; returns the path."""
+        from safetensors.numpy import save_file
+
+        path = os.fspath(path)
+        arrays = _to_file_arrays(self)
+        meta = json.dumps(self.metadata, sort_keys=True)
+        header = {_META_KEY: meta, "checksum": _checksum(meta, arrays)}
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        save_file(arrays, tmp, metadata=header)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], teacher: Any = None, student: Any = None) -> "VocabAlignment":
+        """Read a table saved by :meth:`save`, validating it; checks fingerprints when tokenizers are given.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: the file is truncated, altered, of another format version, has arrays of the wrong
+                shape or dtype, or a given tokenizer's fingerprint differs (the message names both).
+        """
+        arrays, metadata = _read_checked(os.fspath(path))
+        table = cls(_from_file_arrays(arrays, metadata), metadata=metadata)
+        table.check_tokenizers(teacher=teacher, student=student)
+        return table
+
+
+# ---------------------------------------------------------------------- helpers of this class
+def _direction(direction: str) -> str:
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {sorted(_DIRECTIONS)}, got {direction!r}")
+    return _DIRECTIONS[direction]
+
+
+def _describe(view: TokenizerView) -> dict[str, Any]:
+    return {"name": view.name, "fingerprint": view.fingerprint, "vocab_size": int(view.vocab_size),
+            "family": view.family}
+
+
+def _to_torch(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    import torch
+
+    out = {}
+    for name in TENSORS:
+        dtype = np.float32 if name in _FLOAT else np.int64
+        out[name] = torch.from_numpy(np.ascontiguousarray(arrays[name], dtype=dtype))
+    return out
+
+
+def _to_file_arrays(table: VocabAlignment) -> dict[str, np.ndarray]:
+    """Compact arrays for the file: int32 ids, neighbours only for rows that have some."""
+    out: dict[str, np.ndarray] = {}
+    for name in TENSORS:
+        value = getattr(table, name).detach().cpu().numpy()
+        if name.endswith(("_neighbours", "_neighbour_scores", "_offsets", "_first")):
+            continue
+        out[name] = np.ascontiguousarray(value, dtype=np.float32 if name in _FLOAT else np.int32)
+    for d in ("t2s", "s2t"):
+        offsets = getattr(table, f"{d}_offsets").detach().cpu().numpy()
+        lengths = np.diff(offsets)
+        if lengths.size and lengths.max() > np.iinfo(np.uint16).max:
+            raise ValueError(f"{d}: a decomposition longer than 65535 pieces cannot be saved")
+        if not np.array_equal(getattr(table, f"{d}_first").detach().cpu().numpy(), _first(offsets, out[f"{d}_pieces"])):
+            raise ValueError(f"{d}_first is not the first piece of each decomposition; the file stores only pieces")
+        out[f"{d}_lengths"] = lengths.astype(np.uint16)
+        ids = getattr(table, f"{d}_neighbours").detach().cpu().numpy()
+        scores = getattr(table, f"{d}_neighbour_scores").detach().cpu().numpy()
+        rows = np.flatnonzero((ids >= 0).any(axis=1))
+        out[f"{d}_neighbour_rows"] = rows.astype(np.int32)
+        out[f"{d}_neighbours"] = np.ascontiguousarray(ids[rows], dtype=np.int32)
+        out[f"{d}_neighbour_scores"] = np.ascontiguousarray(scores[rows], dtype=np.float32)
+    return out
+
+
+def _from_file_arrays(arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> dict[str, Any]:
+    sizes = {"t2s": metadata["teacher"]["vocab_size"], "s2t": metadata["student"]["vocab_size"]}
+    full = dict(arrays)
+    for d, size in sizes.items():
+        del full[f"{d}_neighbour_rows"], full[f"{d}_lengths"]
+        offsets = np.zeros(size + 1, dtype=np.int64)
+        np.cumsum(arrays[f"{d}_lengths"], out=offsets[1:])
+        full[f"{d}_offsets"] = offsets
+        full[f"{d}_first"] = _first(offsets, arrays[f"{d}_pieces"])
+        rows = arrays[f"{d}_neighbour_rows"]
+        k = arrays[f"{d}_neighbours"].shape[1]
+        ids = np.full((size, k), -1, dtype=np.int64)
+        scores = np.zeros((size, k), dtype=np.float32)
+        ids[rows] = arrays[f"{d}_neighbours"]
+        scores[rows] = arrays[f"{d}_neighbour_scores"]
+        full[f"{d}_neighbours"], full[f"{d}_neighbour_scores"] = ids, scores
+    return _to_torch(full)
+
+
+def _first(offsets: np.ndarray, pieces: np.ndarray) -> np.ndarray:
+    """``(V,)`` int64 first piece of each CSR row, -1 for empty rows."""
+    first = np.full(offsets.shape[0] - 1, -1, dtype=np.int64)
+    mapped = np.flatnonzero(np.diff(offsets) > 0)
+    first[mapped] = pieces[offsets[mapped]]
+    return first
+
+
+def _checksum(meta: str, arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the metadata JSON and every array's name, dtype, shape and bytes."""
+    h = hashlib.sha256(meta.encode("utf-8"))
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode() + b"\0" + a.dtype.str.encode() + struct.pack(f"<{a.ndim}q", *a.shape))
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------- reading and validating a file
+def _file_layout(metadata: dict[str, Any]) -> dict[str, tuple[str, tuple[int | None, ...]]]:
+    """Expected dtype and shape (``None``: any length) of every array in a file."""
+    vt, vs = metadata["teacher"]["vocab_size"], metadata["student"]["vocab_size"]
+    k = metadata["parameters"]["neighbours"]
+    layout: dict[str, tuple[str, tuple[int | None, ...]]] = {
+        "exact_teacher": ("I32", (None,)), "exact_student": ("I32", (None,)),
+        "special_teacher": ("I32", (None,)), "special_student": ("I32", (None,)),
+    }
+    for d, size in (("t2s", vt), ("s2t", vs)):
+        layout.update({
+            f"{d}_lengths": ("U16", (size,)), f"{d}_weight": ("F32", (size,)), f"{d}_pieces": ("I32", (None,)),
+            f"{d}_neighbour_rows": ("I32", (None,)), f"{d}_neighbours": ("I32", (None, k)),
+            f"{d}_neighbour_scores": ("F32", (None, k)),
+        })
+    return layout
+
+
+def _read_checked(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no vocabulary table at {path!r}; build one with `xtok-kd align TEACHER STUDENT -o {path}`"
+        )
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{path!r} is not a valid xtok_kd vocabulary table: {problem}")
+
+    with open(path, "rb") as f:
+        blob = f.read()
+    if len(blob) < 8:
+        raise bad(f"the file has {len(blob)} bytes, too short for a safetensors header (truncated?)")
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    if header_len > len(blob) - 8:
+        raise bad(f"its header claims {header_len} bytes but the file holds {len(blob) - 8} (truncated?)")
+    try:
+        header = json.loads(blob[8 : 8 + header_len])
+        meta_text = header["__metadata__"][_META_KEY]
+        checksum = header["__metadata__"]["checksum"]
+        metadata = json.loads(meta_text)
+    except (ValueError, KeyError, TypeError) as err:
+        raise bad(f"its header or xtok_kd metadata cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != _FORMAT:
+        raise bad(f"its metadata does not describe a {_FORMAT!r} file")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise bad(
+            f"format version {metadata.get('format_version')!r}, but this xtok_kd reads version {FORMAT_VERSION}; "
+            "rebuild the table with this version (`xtok-kd align`)"
+        )
+    data_len = len(blob) - 8 - header_len
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if end != data_len:
+        raise bad(f"its arrays need {end} bytes of data but the file holds {data_len} (truncated or padded?)")
+    try:
+        from safetensors.numpy import load
+
+        arrays = load(blob)
+    except Exception as err:  # safetensors raises its own error type; report it as a format problem
+        raise bad(f"safetensors cannot read it ({err})") from None
+    try:
+        layout = _file_layout(metadata)
+    except (KeyError, TypeError) as err:
+        raise bad(f"its metadata lacks {err}") from None
+    problems = []
+    for name, (dtype, shape) in layout.items():
+        if name not in arrays:
+            problems.append(f"array {name!r} is missing")
+            continue
+        a = arrays[name]
+        got = {np.dtype(np.int32): "I32", np.dtype(np.float32): "F32", np.dtype(np.uint16): "U16"}.get(a.dtype, str(a.dtype))
+        if got != dtype or a.ndim != len(shape) or any(w is not None and w != g for w, g in zip(shape, a.shape)):
+            want = tuple("*" if w is None else w for w in shape)
+            problems.append(f"array {name!r} is {got}{tuple(a.shape)}, expected {dtype}{want}")
+    if problems:
+        raise bad("; ".join(problems))
+    if _checksum(meta_text, arrays) != checksum:
+        raise bad("its checksum does not match its contents (the file was altered or damaged)")
+    _check_values(arrays, metadata, bad)
+    return arrays, metadata
+
+
+def _check_values(arrays: dict[str, np.ndarray], metadata: dict[str, Any], bad: Any) -> None:
+    vt, vs = metadata["teacher"]["vocab_size"], metadata["student"]["vocab_size"]
+    target = {"t2s": vs, "s2t": vt}
+    ranges = {"exact_teacher": vt, "exact_student": vs, "special_teacher": vt, "special_student": vs}
+    for d, size in target.items():
+        if int(arrays[f"{d}_lengths"].sum(dtype=np.int64)) != arrays[f"{d}_pieces"].shape[0]:
+            raise bad(f"{d}_lengths do not add up to the length of {d}_pieces")
+        ranges.update({f"{d}_pieces": size, f"{d}_neighbours": size})
+        rows = arrays[f"{d}_neighbour_rows"]
+        if rows.shape[0] != arrays[f"{d}_neighbours"].shape[0] or np.any(rows < 0) or np.any(
+                rows >= (vt if d == "t2s" else vs)):
+            raise bad(f"{d}_neighbour_rows do not index the {d}_neighbours rows")
+    for name, size in ranges.items():
+        a = arrays[name]
+        low = -1 if name.endswith("_neighbours") else 0
+        if a.size and (a.min() < low or a.max() >= size):
+            raise bad(f"array {name!r} holds ids outside [{low}, {size})")
