@@ -254,6 +254,8 @@ class TokenizerView:
         byte_ends = cb[char_offsets[:, 1]]
         in_range = ids < self.vocab_size
         special = self.special_mask[np.where(in_range, ids, 0)] & in_range
+        if self.unk_id is not None:
+            special &= ids != self.unk_id  # <unk> stands for text: it keeps its span (and is counted)
         content = ~added & ~special & (byte_ends > byte_starts)
         special_in_text = int((~added & special & (byte_ends > byte_starts)).sum())
         if not content.any():
@@ -278,11 +280,47 @@ class TokenizerView:
                 next_start = np.minimum.accumulate(marks[::-1])[::-1]
             spans[empty, 0] = next_start[empty]
             spans[empty, 1] = next_start[empty]
+        self._absorb_gaps(text, spans, idx, num_bytes, byte_starts[~added & special & (byte_ends > byte_starts)])
         covered = int((spans[:, 1] - spans[:, 0]).sum())
         unk = self.unk_id
         unknown = int((ids == unk).sum()) if unk is not None else 0
         return Encoding(ids=ids, spans=spans, num_bytes=num_bytes, uncovered_bytes=num_bytes - covered,
                         unknown_tokens=unknown, special_in_text=special_in_text)
+
+    def _absorb_gaps(self, text: str, spans: np.ndarray, idx: np.ndarray, num_bytes: int,
+                     special_starts: np.ndarray) -> None:
+        """Give uncovered bytes that the normaliser merged into a neighbour (NFC folds ``e`` + U+0301 into one
+        character whose offsets cover the ``e`` only) to the token before them (or after, at the start).
+        Bytes the normaliser deletes outright, and special tokens written in the text, stay uncovered and are
+        reported. Gaps are rare: the loop runs over gaps, not tokens."""
+        if not idx.shape[0]:
+            return
+        starts, ends = spans[idx, 0], spans[idx, 1]
+        gap_after = np.flatnonzero(np.append(starts[1:], num_bytes) > ends)
+        lead = int(starts[0])
+        if not gap_after.shape[0] and lead == 0:
+            return
+        data = text.encode("utf-8")
+        normalizer = self.backend.normalizer
+
+        def kept(a: int, b: int) -> bool:
+            if ((special_starts >= a) & (special_starts < b)).any():
+                return False
+            piece = data[a:b].decode("utf-8", errors="replace")
+            if piece.isspace():  # whitespace a pre-tokenizer drops is not part of any token
+                return False
+            return bool(normalizer.normalize_str(piece) if normalizer is not None else piece)
+
+        for g in gap_after:
+            a, b = int(ends[g]), int(starts[g + 1]) if g + 1 < starts.shape[0] else num_bytes
+            if kept(a, b):
+                spans[idx[g], 1] = b
+        if lead and kept(0, lead):
+            spans[idx[0], 0] = 0
+        # Empty spans placed inside an absorbed gap move with it.
+        run = np.maximum.accumulate(np.where(spans[:, 1] > spans[:, 0], spans[:, 1], 0))
+        empty = spans[:, 1] == spans[:, 0]
+        spans[empty] = np.maximum(spans[empty], run[empty, None])
 
     # ------------------------------------------------------------------ chat
     @property

@@ -147,14 +147,13 @@ def uld_rows(block: Block, *, top_k: int | None) -> tuple[torch.Tensor, dict[str
         if top_k is None:
             loss = sorted_l1(p, q)
             return loss, {"uld_bound": torch.zeros_like(loss).detach()}
-        p_mass = None if block.teacher_factor is None else block.teacher_factor.exp()
+        p_mass = None  # complete rows: their sums are the masses
     else:
         assert block.teacher_topk_logp is not None
         p = _merged_probs(block.teacher_topk_logp, block.teacher_factor)
         p_mass = torch.ones_like(p[:, 0]) if block.teacher_factor is None else block.teacher_factor.exp()
         top_k = min(top_k or p.shape[-1], p.shape[-1])
-    q_mass = None if block.student_factor is None else block.student_factor.exp()
-    loss, bound = sorted_l1_topk(p, q, k=top_k, teacher_mass=p_mass, student_mass=q_mass)
+    loss, bound = sorted_l1_topk(p, q, k=top_k, teacher_mass=p_mass)
     return loss, {"uld_bound": bound}
 
 

@@ -69,7 +69,8 @@ def sorted_l1_topk(
         teacher_probs: ``(N, Vt)`` probabilities, or just the teacher's head (e.g. cached top-k) with ``teacher_mass``.
         student_probs: ``(N, Vs)``.
         k: number of ranks compared one by one (``k >= 1``); rows narrower than ``k`` are zero-padded.
-        teacher_mass / student_mass: ``(N,)`` total mass of each row (default: the row sums; 1 for a softmax).
+        teacher_mass / student_mass: ``(N,)`` total mass of each row when the input is only a head (a cached top-k);
+            None: the rows are complete and their sums are the masses.
 
     Returns:
         ``(loss (N,), bound (N,))``: the exact sorted L1 lies in ``[loss, loss + bound]``;
@@ -81,8 +82,9 @@ def sorted_l1_topk(
     q = _head(student_probs, k)
     p_mass = teacher_probs.sum(-1) if teacher_mass is None else teacher_mass
     q_mass = student_probs.sum(-1) if student_mass is None else student_mass
-    p_tail = (p_mass - p.sum(-1)).clamp_min(0.0)
-    q_tail = (q_mass - q.sum(-1)).clamp_min(0.0)
+    # A head that covers the whole row leaves no tail (exactly 0, not a rounding residue).
+    p_tail = (p_mass - p.sum(-1)).clamp_min(0.0) * float(teacher_mass is not None or k < teacher_probs.shape[-1])
+    q_tail = (q_mass - q.sum(-1)).clamp_min(0.0) * float(student_mass is not None or k < student_probs.shape[-1])
     loss = (p - q).abs().sum(-1) + (p_tail - q_tail).abs()
     bound = 2.0 * torch.minimum(p_tail, q_tail).detach()
     return loss, bound

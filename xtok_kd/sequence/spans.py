@@ -122,6 +122,9 @@ def align_spans(teacher_spans: SpansLike, student_spans: SpansLike) -> Alignment
     # Covered bytes per sample: from the first to the last byte either side covers.
     t_lo, t_hi = _sample_extent(ts, base)
     s_lo, s_hi = _sample_extent(ss, base)
+    # A side with no content in a sample (lo == hi) must not stretch the range to the sample's start.
+    t_lo, t_hi = np.where(t_hi > t_lo, t_lo, s_lo), np.where(t_hi > t_lo, t_hi, s_hi)
+    s_lo, s_hi = np.where(s_hi > s_lo, s_lo, t_lo), np.where(s_hi > s_lo, s_hi, t_hi)
     covered_bytes = np.maximum(t_hi, s_hi) - np.minimum(t_lo, s_lo)
     lengths = np.concatenate(([0], np.cumsum(chunk_bytes[:, 1] - chunk_bytes[:, 0])))
     edges = np.searchsorted(chunk_sample, np.arange(batch + 1))

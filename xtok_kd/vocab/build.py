@@ -71,16 +71,20 @@ def build_arrays(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=7, desc="align vocabularies", unit="stage")
+        bar = tqdm(total=7, desc="align vocabularies", unit="stage", postfix="vocabularies")
     timings: dict[str, float] = {}
     arrays: dict[str, np.ndarray] = {}
     stats: dict[str, float] = {}
+
+    names = ["vocabularies", "exact", "specials", "projection t2s", "projection s2t", "neighbours t2s",
+             "neighbours s2t"]
 
     def stage(name: str) -> None:
         timings[name] = time.perf_counter() - clock[0]
         clock[0] = time.perf_counter()
         if progress:
-            bar.set_postfix_str(f"{name} done")
+            following = names.index(name) + 1
+            bar.set_postfix_str(names[following] if following < len(names) else "done")
             bar.update(1)
 
     clock = [time.perf_counter()]
@@ -102,7 +106,10 @@ def build_arrays(
         special = {"t2s": (st, ss), "s2t": (ss, st)}
         for d, src_role, dst_role in DIRECTIONS:
             source, target = views[src_role], views[dst_role]
-            partner = exact_partner(*exact[d], source_size=source.vocab_size, target=target)
+            if same:  # every id is its own partner, even where a vocabulary spells the same bytes twice
+                partner = np.arange(source.vocab_size, dtype=np.int64)
+            else:
+                partner = exact_partner(*exact[d], source_size=source.vocab_size, target=target)
             proj = project(source, target, exact_partner=partner,
                            special_partner=partners(*special[d], source_special=source.special_ids))
             arrays[f"{d}_first"], arrays[f"{d}_weight"] = proj.first, proj.weight
@@ -113,7 +120,7 @@ def build_arrays(
             source, target = views[src_role], views[dst_role]
             ids, scores = _neighbours(source, target, matched=exact[d][0], k=neighbours, window=window)
             arrays[f"{d}_neighbours"], arrays[f"{d}_neighbour_scores"] = ids, scores
-            has = ids[:, 0] >= 0
+            has = (ids >= 0).any(axis=1)
             stats[f"{d}_neighbour_rows"] = float(has.sum())
             stats[f"{d}_mean_top_neighbour_score"] = float(scores[has, 0].mean()) if has.any() else 0.0
             stage(f"neighbours {d}")

@@ -71,7 +71,8 @@ def nearest_neighbours(
 
     Returns:
         ``(ids, scores)``: ``(Q, k)`` int64 indices into ``candidate_strings`` (-1 padded) and ``(Q, k)`` float32
-        normalised similarities in [0, 1], best first; ties are broken by the lower candidate index.
+        normalised similarities in (0, 1], best first; ties are broken by the lower candidate index. Candidates
+        with similarity 0 (nothing in common) are never neighbours.
     """
     from rapidfuzz import process
 
@@ -112,7 +113,7 @@ def nearest_neighbours(
     top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
     top_sim = np.take_along_axis(sim, top, axis=1)
     top_ids = valid[np.take_along_axis(pick, top, axis=1)]
-    keep = top_sim >= 0
+    keep = top_sim > 0  # a similarity of 0 shares nothing: no neighbour
     kk = top.shape[1]
     ids[:, :kk] = np.where(keep, top_ids, -1)
     scores[:, :kk] = np.where(keep, top_sim, 0.0).astype(np.float32)

@@ -96,16 +96,25 @@ def _samples(table: VocabAlignment, views: dict[str, TokenizerView], *, count: i
         direction = "teacher_to_student" if d == "t2s" else "student_to_teacher"
         rows = []
         for tid in pick.tolist():
-            nb = int(getattr(table, f"{d}_neighbours")[tid, 0])
+            nbs = getattr(table, f"{d}_neighbours")[tid].tolist()
+            nb = nbs[0] if nbs else -1
             rows.append({
                 "id": tid,
-                "token": token_strings([view.token_bytes(tid)])[0],
-                "pieces": token_strings([other.token_bytes(p) for p in table.decomposition(direction, tid)]),
-                "neighbour": token_strings([other.token_bytes(nb)])[0] if nb >= 0 else None,
-                "neighbour_score": float(getattr(table, f"{d}_neighbour_scores")[tid, 0]),
+                "token": _show(view.token_bytes(tid)),
+                "pieces": [_show(other.token_bytes(p)) for p in table.decomposition(direction, tid)],
+                "neighbour": _show(other.token_bytes(nb)) if nb >= 0 else None,
+                "neighbour_score": float(getattr(table, f"{d}_neighbour_scores")[tid, 0]) if nbs else 0.0,
             })
         out[role] = {"unmatched": int(pool.shape[0]), "samples": rows}
     return out
+
+
+def _show(data: bytes) -> str:
+    """A token for people: its text, or ``<e9 a9>`` hex for bytes that are not whole UTF-8 characters."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "<" + " ".join(f"{b:02x}" for b in data) + ">"
 
 
 def vocabulary_report(
@@ -151,8 +160,8 @@ def vocabulary_report(
     }
     scores = {}
     for role, d in _SIDES:
-        s = getattr(table, f"{d}_neighbour_scores")[:, 0].cpu().numpy()
-        has = getattr(table, f"{d}_neighbours")[:, 0].cpu().numpy() >= 0
+        s = getattr(table, f"{d}_neighbour_scores").cpu().numpy().max(axis=1, initial=0.0)
+        has = (getattr(table, f"{d}_neighbours").cpu().numpy() >= 0).any(axis=1)
         scores[role] = np.histogram(s[has], bins=10, range=(0.0, 1.0))[0].tolist()
     report["neighbour_score_histogram"] = scores
     report["pieces_histogram"] = {
@@ -214,7 +223,101 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def plot_report(report: dict[str, Any], path: str) -> str:
-    """Write a six-panel PNG of the report to ``path`` (needs matplotlib); returns the path."""
-    from .report_plot import draw
+    """Write a six-panel PNG of the report to ``path`` (matplotlib, imported here); returns the path."""
+    try:
+        import matplotlib
 
-    return draw(report, path)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("--plot needs matplotlib: pip install 'xtok_kd[plot]'") from err
+
+    colours = {"teacher": "#1f77b4", "student": "#ff7f0e"}
+    tname, sname = _short(report["teacher"]["name"]), _short(report["student"]["name"])
+    label = {"teacher": f"teacher {tname}", "student": f"student {sname}"}
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    fig.suptitle(f"Vocabulary alignment: {tname} (teacher) -> {sname} (student)", fontsize=15, weight="bold")
+
+    ax = axes[0, 0]
+    ex = report["exact"]
+    proj = report["projection"]
+    names = ["exact match", "exact or neighbour\nscore >= 0.5", "projected\n(any pieces)"]
+    values = {}
+    for role, name in (("teacher", "teacher_to_student"), ("student", "student_to_teacher")):
+        good = report["neighbour_score_histogram"][role][5:]
+        regular = report[role]["vocab_size"] - report[role]["special_tokens"]
+        values[role] = [ex[f"{role}_share"], ex[f"{role}_share"] + sum(good) / max(regular, 1),
+                        proj[name]["mapped_share"]]
+    _grouped_bars(ax, names, values, colours, label, percent=True)
+    ax.set_title("Share of each vocabulary covered (non-special tokens)")
+
+    ax = axes[0, 1]
+    cats = list(report["categories"])
+    values = {role: [report["categories"][c][f"{role}_exact_share"] for c in cats] for role in colours}
+    _grouped_bars(ax, [c.replace(" ", "\n", 1) for c in cats], values, colours, label, percent=True)
+    for i, c in enumerate(cats):
+        n = report["categories"][c]
+        ax.text(i, -0.16, f"{int(n['teacher_tokens']):,} / {int(n['student_tokens']):,}", ha="center",
+                fontsize=8, color="0.3", transform=ax.get_xaxis_transform())
+    ax.set_title("Exact-match share by category (token counts below)")
+
+    ax = axes[0, 2]
+    buckets = ["1", "2", "3", "4", "5+"]
+    values = {role: _shares(report["pieces_histogram"][role]) for role in colours}
+    _grouped_bars(ax, buckets, values, colours, label, percent=True)
+    ax.set_xlabel("pieces in the other vocabulary")
+    ax.set_title("How many tokens each token re-tokenises into")
+
+    ax = axes[1, 0]
+    bins = [f"{b / 10:.1f}" for b in range(10)]
+    values = {role: _shares(report["neighbour_score_histogram"][role]) for role in colours}
+    _grouped_bars(ax, bins, values, colours, label, percent=True)
+    ax.set_xlabel("best normalised edit-distance similarity (bin start)")
+    ax.set_title("Nearest neighbour of tokens without an exact match")
+
+    tx = report["text"]
+    for ax in axes[1, 1:]:
+        if not tx:
+            ax.text(0.5, 0.5, "no --text given", ha="center", va="center", fontsize=12, color="0.4")
+            ax.set_axis_off()
+    if tx:
+        ax = axes[1, 1]
+        vals = [tx["teacher_tokens_per_1000_bytes"], tx["student_tokens_per_1000_bytes"]]
+        bars = ax.bar([label["teacher"], label["student"]], vals, color=[colours["teacher"], colours["student"]])
+        ax.bar_label(bars, fmt="%.1f", fontsize=10)
+        ax.set_ylabel("tokens per 1,000 bytes")
+        ax.set_title(f"Fertility on the text ({tx['bytes']:,} bytes)")
+        ax = axes[1, 2]
+        values = {role: _shares(tx[f"{role}_tokens_per_chunk_histogram"]) for role in colours}
+        _grouped_bars(ax, buckets, values, colours, label, percent=True)
+        ax.set_xlabel("tokens in a chunk")
+        ax.set_title(f"Chunk sizes on the text: {tx['one_to_one_share']:.1%} of chunks are 1:1")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _short(name: str) -> str:
+    return name.rstrip("/").split("/")[-1] or name
+
+
+def _shares(counts: list[int]) -> list[float]:
+    total = sum(counts)
+    return [c / total if total else 0.0 for c in counts]
+
+
+def _grouped_bars(ax: Any, names: list[str], values: dict[str, list[float]], colours: dict[str, str],
+                  label: dict[str, str], *, percent: bool) -> None:
+    x = np.arange(len(names))
+    width = 0.38
+    for k, role in enumerate(values):
+        bars = ax.bar(x + (k - 0.5) * width, values[role], width, color=colours[role], label=label[role])
+        if percent and len(names) <= 6:
+            ax.bar_label(bars, labels=[f"{v:.0%}" for v in values[role]], fontsize=8, padding=1)
+    ax.set_xticks(x, names)
+    if percent:
+        ax.set_ylim(0, 1.25)
+        ax.yaxis.set_major_formatter(lambda v, _pos: f"{v:.0%}")
+    ax.legend(fontsize=9, loc="upper center", ncol=2, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
