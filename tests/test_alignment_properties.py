@@ -127,3 +127,24 @@ def test_batched_equals_one_by_one(qwen, mistral):
             offset += single.num_chunks
 
     run()
+
+
+@pytest.mark.parametrize("name", ["qwen", "llama", "mistral", "gpt2"])
+def test_fast_spans_equal_offset_spans(request, name):
+    """The running-sum fast path and the offsets path give identical spans wherever the fast path applies."""
+    view = request.getfixturevalue(name)
+    assert view._byte_exact_mode is not None
+    used = []
+
+    @SETTINGS
+    @given(TEXTS)
+    def run(text):
+        enc = view.backend.encode(text)
+        ids = np.array(enc.ids, dtype=np.int64)
+        fast = view._fast_spans(text, ids)
+        if fast is not None:
+            used.append(1)
+            assert (fast == view._encoding_from_offsets(text, enc, ids).spans).all()
+
+    run()
+    assert used, "the fast path never applied"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -243,8 +244,60 @@ class TokenizerView:
         encs = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
         return [self._encoding_from(t, e) for t, e in zip(texts, encs)]
 
+    @cached_property
+    def _byte_exact_mode(self) -> str | None:
+        """When the token bytes spell the text exactly, so spans are running sums of token lengths:
+        ``"plain"`` (byte-level, no normaliser), ``"nfc"`` (byte-level with NFC, for NFC text),
+        ``"prefix_space"`` (SentencePiece that prepends ``▁`` and spells spaces ``▁``, with byte fallback)."""
+        norm = self._config.get("normalizer")
+        if self.family == "byte_level":
+            if norm is None:
+                return "plain"
+            if norm == {"type": "NFC"}:
+                return "nfc"
+            return None
+        steps = norm.get("normalizers", []) if isinstance(norm, dict) and norm.get("type") == "Sequence" else []
+        types = [(st.get("type"), st.get("prepend"), st.get("content")) for st in steps]
+        if (types == [("Prepend", "\u2581", None), ("Replace", None, "\u2581")]
+                and self._config.get("pre_tokenizer") is None
+                and self._config.get("model", {}).get("byte_fallback")):
+            return "prefix_space"
+        return None
+
+    def _fast_spans(self, text: str, ids: np.ndarray) -> np.ndarray | None:
+        """Spans from cumulative canonical byte lengths, or None when that is not provably exact for ``text``.
+
+        Exactness: with these pipelines every byte of the text is spelled by exactly one token, in order, so the
+        running sum of token lengths IS the byte offset. The total is checked against the text's length (a
+        special token written in the text, or any surprise, sends the text down the offsets path)."""
+        mode = self._byte_exact_mode
+        if mode is None or (mode == "nfc" and not unicodedata.is_normalized("NFC", text)):
+            return None
+        if ids.shape[0] == 0 or ids.max() >= self.vocab_size:
+            return None
+        lengths = np.where(self.special_mask[ids], 0, self.token_lengths[ids])
+        ends = np.cumsum(lengths)
+        phantom = 1 if mode == "prefix_space" else 0
+        if int(ends[-1]) != len(text.encode("utf-8")) + phantom:
+            return None
+        spans = np.empty((ids.shape[0], 2), dtype=np.int64)
+        if phantom:
+            ends -= 1
+            np.maximum(ends, 0, out=ends)
+        spans[:, 1] = ends
+        np.subtract(ends, lengths, out=spans[:, 0])
+        if phantom:
+            np.maximum(spans[:, 0], 0, out=spans[:, 0])
+        return spans
+
     def _encoding_from(self, text: str, enc: Any) -> Encoding:
-        ids = np.asarray(enc.ids, dtype=np.int64)
+        ids = np.array(enc.ids, dtype=np.int64)
+        fast = self._fast_spans(text, ids)
+        if fast is not None:
+            return Encoding(ids=ids, spans=fast, num_bytes=int(fast[-1, 1]) if fast.shape[0] else 0)
+        return self._encoding_from_offsets(text, enc, ids)
+
+    def _encoding_from_offsets(self, text: str, enc: Any, ids: np.ndarray) -> Encoding:
         n = ids.shape[0]
         char_offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(n, 2)
         cb = char_to_byte_offsets(text)
@@ -332,9 +385,10 @@ def load_tokenizer(tokenizer: Any, **kwargs: Any) -> TokenizerView:
     """A :class:`TokenizerView` from a local folder, a hub id, a ``transformers`` tokenizer or a view.
 
     Args:
-        tokenizer: a folder containing ``tokenizer.json`` (and ``tokenizer_config.json``), a Hugging Face hub id
-            such as ``"Qwen/Qwen2.5-0.5B-Instruct"`` (downloaded by ``transformers``), a fast ``transformers``
-            tokenizer object, or a :class:`TokenizerView` (returned as is).
+        tokenizer: a folder containing ``tokenizer.json`` (and ``tokenizer_config.json``), the name of an
+            embedded tokenizer (``"qwen2.5"``, ``"mistral"``, ``"gpt2"``; see ``xtok_kd/assets``), a Hugging Face
+            hub id such as ``"Qwen/Qwen2.5-0.5B-Instruct"`` (downloaded by ``transformers``), a fast
+            ``transformers`` tokenizer object, or a :class:`TokenizerView` (returned as is).
         **kwargs: passed to ``AutoTokenizer.from_pretrained`` (``revision=``, ``token=``, ...).
     """
     if isinstance(tokenizer, TokenizerView):
@@ -343,8 +397,13 @@ def load_tokenizer(tokenizer: Any, **kwargs: Any) -> TokenizerView:
         from transformers import AutoTokenizer
 
         name = os.fspath(tokenizer)
+        source = name
+        if not os.path.exists(name):
+            from .assets import embedded_tokenizer
+
+            source = str(embedded_tokenizer(name) or name)
         try:
-            hf = AutoTokenizer.from_pretrained(name, **kwargs)
+            hf = AutoTokenizer.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as err:
             hint = "a folder with tokenizer.json" if os.path.sep in name or os.path.exists(name) else "a hub id"
             raise ValueError(f"could not load tokenizer {name!r} ({hint}): {err}") from err

@@ -92,7 +92,7 @@ def align_spans(teacher_spans: SpansLike, student_spans: SpansLike) -> Alignment
     ts = _side(t, "teacher_spans", base, total)
     ss = _side(s, "student_spans", base, total)
     t_rank, common = _ranks(ts, ss.marks)
-    s_rank, _ = _ranks(ss, ts.marks)
+    s_rank, _ = _ranks(ss, ts.marks, want_common=False)
 
     # Candidate chunk k = [common[k], common[k + 1]). It is a chunk when both ends lie in one sample and
     # neither side skips bytes inside it (a normaliser that dropped text).
@@ -154,7 +154,10 @@ def _side(spans: np.ndarray, name: str, base: np.ndarray, total: int) -> _Side:
         raise ValueError(f"{name}[{divmod(i, length)}] = [{starts[i]}, {ends[i]}] has end < start")
     content = width > 0
     pos = np.flatnonzero(content)
-    g_start, g_end = starts[pos], ends[pos]
+    if pos.shape[0] and pos[-1] - pos[0] + 1 == pos.shape[0]:  # one run (the usual case): slice, don't gather
+        g_start, g_end = starts[pos[0]: pos[-1] + 1].copy(), ends[pos[0]: pos[-1] + 1].copy()
+    else:
+        g_start, g_end = starts[pos], ends[pos]
     per_sample = content.reshape(batch, length).sum(axis=1) if length else np.zeros(batch, dtype=np.int64)
     if batch > 1:
         shift = np.repeat(base, per_sample)
@@ -178,22 +181,22 @@ def _side(spans: np.ndarray, name: str, base: np.ndarray, total: int) -> _Side:
     return _Side(pos, g_start, g_end, gaps, per_sample, marks)
 
 
-def _ranks(sd: _Side, other_marks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _ranks(sd: _Side, other_marks: np.ndarray, *, want_common: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """For each content token, the index of the last common boundary at or before its start (-1 if none);
     and the sorted common boundaries. A common boundary is a token start of this side that the other side marks,
     or an end followed by a gap that it marks."""
     start_common = other_marks[sd.g_start]
     rank = np.cumsum(start_common) - 1
-    common = sd.g_start[start_common]
+    common = sd.g_start[start_common] if want_common else None
     gap_common = other_marks[sd.g_end[sd.gaps]]
     if gap_common[:-1].any():
         hit = sd.gaps[gap_common]
-        where = rank[hit] + 1  # such an end comes right after the common starts up to its own token
-        common = np.insert(common, where, sd.g_end[hit])
+        if want_common:  # such an end comes right after the common starts up to its own token
+            common = np.insert(common, rank[hit] + 1, sd.g_end[hit])
         later = np.zeros(rank.shape[0] + 1, dtype=np.int64)
         later[hit + 1] = 1
         rank += np.cumsum(later[:-1])
-    elif gap_common.shape[0] and gap_common[-1]:  # the common case: only the very last end
+    elif want_common and gap_common.shape[0] and gap_common[-1]:  # the usual case: only the very last end
         common = np.append(common, sd.g_end[-1])
     return rank, common
 
@@ -201,7 +204,10 @@ def _ranks(sd: _Side, other_marks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _members(sd: _Side, chunk: np.ndarray, batch: int, length: int, num_chunks: int):
     """Per-token chunk ids as ``(B, L)``, and each chunk's first token position and token count."""
     chunk_of = np.full(batch * length, -1, dtype=np.int64)
-    chunk_of[sd.pos] = chunk
+    if sd.pos.shape[0] and sd.pos[-1] - sd.pos[0] + 1 == sd.pos.shape[0]:
+        chunk_of[sd.pos[0]: sd.pos[-1] + 1] = chunk
+    else:
+        chunk_of[sd.pos] = chunk
     first = np.zeros(num_chunks, dtype=np.int64)
     count = np.zeros(num_chunks, dtype=np.int64)
     if chunk.shape[0]:
