@@ -236,3 +236,17 @@ def test_align_tokens_entropy_weighting_and_errors():
         align_tokens([], s)
     with pytest.raises(ValueError, match="entropies must have shapes"):
         align_tokens(t, s, teacher_entropy=[0.0], student_entropy=[0.0, 1.0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(span_lists(), span_lists())
+def test_single_sample_fast_path_equals_general_path(t, s):
+    from xtok_kd.sequence.spans import _align_batch, _align_one
+
+    fast = _align_one(t, s)
+    if fast is None:
+        return
+    general = _align_batch(t[None], s[None])
+    for field in ("teacher_chunk", "student_chunk", "chunk_sample", "chunk_bytes", "teacher_first", "student_first",
+                  "teacher_count", "student_count", "covered_bytes", "unaligned_bytes"):
+        assert np.array_equal(getattr(fast, field), getattr(general, field)), field
