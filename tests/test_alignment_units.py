@@ -250,3 +250,19 @@ def test_single_sample_fast_path_equals_general_path(t, s):
     for field in ("teacher_chunk", "student_chunk", "chunk_sample", "chunk_bytes", "teacher_first", "student_first",
                   "teacher_count", "student_count", "covered_bytes", "unaligned_bytes"):
         assert np.array_equal(getattr(fast, field), getattr(general, field)), field
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(span_lists(), span_lists()), min_size=1, max_size=4))
+def test_batched_fast_path_equals_general_path(pairs):
+    from xtok_kd.sequence.spans import _align_batch, _align_tiled, pad_spans
+
+    t = pad_spans([a for a, _ in pairs])
+    s = pad_spans([b for _, b in pairs])
+    fast = _align_tiled(t, s)
+    if fast is None:
+        return
+    general = _align_batch(t, s)
+    for field in ("teacher_chunk", "student_chunk", "chunk_sample", "chunk_bytes", "teacher_first", "student_first",
+                  "teacher_count", "student_count", "covered_bytes", "unaligned_bytes"):
+        assert np.array_equal(getattr(fast, field), getattr(general, field)), field

@@ -78,11 +78,8 @@ def align_spans(teacher_spans: SpansLike, student_spans: SpansLike) -> Alignment
             f"batch size mismatch: {t.shape[0]} teacher sequences but {s.shape[0]} student sequences; "
             "pass one span array per text on each side"
         )
-    if t.shape[0] == 1:
-        simple = _align_one(t[0], s[0])
-        if simple is not None:
-            return simple
-    return _align_batch(t, s)
+    simple = _align_one(t[0], s[0]) if t.shape[0] == 1 else _align_tiled(t, s)
+    return simple if simple is not None else _align_batch(t, s)
 
 
 def _align_batch(t: np.ndarray, s: np.ndarray) -> Alignment:
@@ -314,4 +311,103 @@ def _align_one(t: np.ndarray, s: np.ndarray) -> Alignment | None:
         student_count=student_count,
         covered_bytes=covered,
         unaligned_bytes=covered - (bounds[-1] - lo),
+    )
+
+
+def _align_tiled(t: np.ndarray, s: np.ndarray) -> Alignment | None:
+    """Fast path for a batch in which every sample, on both sides, is one run of tokens tiling a byte range from
+    the same first byte (what the collator produces for complete texts). Same result as the general path.
+    Returns None when the preconditions do not hold."""
+    batch = t.shape[0]
+    if batch == 0 or t.shape[1] == 0 or s.shape[1] == 0:
+        return None
+    sides = []
+    for spans in (t, s):
+        starts, ends = spans[..., 0], spans[..., 1]
+        content = ends > starts
+        count = content.sum(axis=1)
+        first = content.argmax(axis=1)
+        if not count.all() or ((ends < starts).any()) or not np.array_equal(
+                content.shape[1] - content[:, ::-1].argmax(axis=1) - first, count):
+            return None
+        pairs = content[:, 1:] & content[:, :-1]
+        if not np.array_equal(starts[:, 1:][pairs], ends[:, :-1][pairs]):
+            return None
+        lo = starts[np.arange(batch), first]
+        sides.append((content, count, first, lo, ends))
+    (t_content, t_count, t_first, t_lo, t_ends), (s_content, s_count, s_first, s_lo, s_ends) = sides
+    if not np.array_equal(t_lo, s_lo) or (t_lo < 0).any():
+        return None
+    t_hi = t_ends[np.arange(batch), t_first + t_count - 1]
+    s_hi = s_ends[np.arange(batch), s_first + s_count - 1]
+    extent = np.maximum(t_hi, s_hi)
+    base = np.zeros(batch, dtype=np.int64)
+    np.cumsum(extent[:-1] + 1, out=base[1:])
+    total = int(base[-1] + extent[-1]) + 1
+
+    def flat(content: np.ndarray, count: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.flatnonzero(content)
+        sample = np.repeat(np.arange(batch), count)
+        return pos, sample, ends.ravel()[pos] + base[sample]
+
+    t_pos, t_sample, t_gend = flat(t_content, t_count, t_ends)
+    s_pos, s_sample, s_gend = flat(s_content, s_count, s_ends)
+    t_marks = np.zeros(total, dtype=bool)
+    s_marks = np.zeros(total, dtype=bool)
+    t_marks[t_gend] = True
+    s_marks[s_gend] = True
+    t_close = s_marks[t_gend]  # token ends on a common boundary: it closes a chunk
+    s_close = t_marks[s_gend]
+    t_closes = np.flatnonzero(t_close)
+    s_closes = np.flatnonzero(s_close)
+    num_chunks = t_closes.shape[0]
+    chunk_sample = t_sample[t_closes]
+    ends = t_gend[t_closes]
+    opens_sample = np.ones(num_chunks, dtype=bool)  # the chunk is its sample's first
+    opens_sample[1:] = chunk_sample[1:] != chunk_sample[:-1]
+    starts = np.empty(num_chunks, dtype=np.int64)
+    starts[1:] = ends[:-1]
+    starts[opens_sample] = (t_lo + base)[chunk_sample[opens_sample]]
+    chunk_bytes = np.empty((num_chunks, 2), dtype=np.int64)
+    shift = base[chunk_sample]
+    np.subtract(starts, shift, out=chunk_bytes[:, 0])
+    np.subtract(ends, shift, out=chunk_bytes[:, 1])
+
+    def side(pos, sample, closes, close, length):
+        # Chunk of a token = number of closes before it; valid while that close lies in the token's sample.
+        k = np.cumsum(close) - close
+        ok = k < num_chunks
+        k_safe = np.where(ok, k, 0)
+        ok &= chunk_sample[k_safe] == sample if num_chunks else ok & False
+        chunk = np.where(ok, k_safe, -1)
+        chunk_of = np.full(batch * length, -1, dtype=np.int64)
+        chunk_of[pos] = chunk
+        count = np.empty(num_chunks, dtype=np.int64)
+        if num_chunks:
+            count[0] = closes[0] + 1
+            np.subtract(closes[1:], closes[:-1], out=count[1:])
+            # A sample's first chunk starts at the sample's first content token, not after the last close.
+            sample_start = np.searchsorted(sample, chunk_sample[opens_sample])
+            count[opens_sample] = closes[opens_sample] - sample_start + 1
+        first_flat = pos[closes - count + 1] if num_chunks else np.zeros(0, dtype=np.int64)
+        return chunk_of.reshape(batch, length), first_flat % length, count
+
+    teacher_chunk, teacher_first, teacher_count = side(t_pos, t_sample, t_closes, t_close, t.shape[1])
+    student_chunk, student_first, student_count = side(s_pos, s_sample, s_closes, s_close, s.shape[1])
+    covered = extent - t_lo
+    # Per sample, chunks tile [lo, last common end): the aligned bytes are that range.
+    last = np.full(batch, -1, dtype=np.int64)
+    last[chunk_sample] = np.arange(num_chunks)  # the last write per sample wins: its last chunk
+    aligned = np.where(last >= 0, ends[np.maximum(last, 0)] - base - t_lo, 0) if num_chunks else np.zeros(batch, np.int64)
+    return Alignment(
+        teacher_chunk=teacher_chunk,
+        student_chunk=student_chunk,
+        chunk_sample=chunk_sample,
+        chunk_bytes=chunk_bytes,
+        teacher_first=teacher_first,
+        student_first=student_first,
+        teacher_count=teacher_count,
+        student_count=student_count,
+        covered_bytes=covered,
+        unaligned_bytes=covered - aligned.astype(np.int64),
     )
