@@ -41,13 +41,23 @@ def similarity():  # noqa: ANN201 - returns a rapidfuzz scorer
     return Levenshtein.normalized_similarity
 
 
-def _sort_keys(strings: Sequence[str]) -> list[list[str]]:
-    stripped = [s.strip().lower() for s in strings]
+def _sort_keys(cands: Sequence[str], queries: Sequence[str]) -> list[tuple[list[str], list[list[str]]]]:
+    """Sort orders of the candidates, each with the query keys looked up in it.
+
+    Besides each order's own key, the whitespace-stripped orders are also searched with the query minus its
+    first or last character, which finds a neighbour one insertion away at either end (``" hled"`` / ``" led"``).
+    """
+
+    def stripped(strings: Sequence[str]) -> list[str]:
+        return [s.strip().lower() for s in strings]
+
+    c_strip, q_strip = stripped(cands), stripped(queries)
+    c_rev, q_rev = [s[::-1] for s in c_strip], [s[::-1] for s in q_strip]
     return [
-        list(strings),
-        [s[::-1] for s in strings],
-        stripped,
-        [s[::-1] for s in stripped],
+        (list(cands), [list(queries)]),
+        ([s[::-1] for s in cands], [[s[::-1] for s in queries]]),
+        (c_strip, [q_strip, [s[1:] for s in q_strip]]),
+        (c_rev, [q_rev, [s[1:] for s in q_rev]]),
     ]
 
 
@@ -86,12 +96,14 @@ def nearest_neighbours(
     n = len(cands)
     offsets = np.arange(-window, window, dtype=np.int64)
     blocks = []
-    for cand_key, query_key in zip(_sort_keys(cands), _sort_keys(query_strings)):
+    for cand_key, query_keys in _sort_keys(cands, query_strings):
         order = sorted(range(n), key=cand_key.__getitem__)
         ordered = [cand_key[i] for i in order]
-        pos = np.fromiter((bisect_left(ordered, q) for q in query_key), dtype=np.int64, count=nq)
-        at = np.clip(pos[:, None] + offsets[None, :], 0, n - 1)
-        blocks.append(np.asarray(order, dtype=np.int64)[at])
+        order_arr = np.asarray(order, dtype=np.int64)
+        for query_key in query_keys:
+            pos = np.fromiter((bisect_left(ordered, q) for q in query_key), dtype=np.int64, count=nq)
+            at = np.clip(pos[:, None] + offsets[None, :], 0, n - 1)
+            blocks.append(order_arr[at])
     pick = np.sort(np.concatenate(blocks, axis=1), axis=1)  # (Q, M) positions in ``cands``
     duplicate = np.zeros(pick.shape, dtype=bool)
     duplicate[:, 1:] = pick[:, 1:] == pick[:, :-1]

@@ -192,23 +192,24 @@ def format_report(report: dict[str, Any]) -> str:
             f"{p['mean_top_neighbour_score']:.2f})"
         )
     pairs = ", ".join(f"{x['teacher']}={x['student']} ({x['role']})" for x in report["special_pairs"]) or "none"
-    lines += [f"special tokens matched by role: {pairs}", "", "coverage by category (exact share / single piece):"]
-    lines.append(f"  {'category':<20} {'teacher tokens':>15} {'exact':>7} {'1 piece':>8}   "
-                 f"{'student tokens':>15} {'exact':>7} {'1 piece':>8}")
+    lines += [f"special tokens matched by role: {pairs}", "",
+              "coverage by category (share with an exact match / mean pieces in the other vocabulary):"]
+    lines.append(f"  {'category':<20} {'teacher tokens':>15} {'exact':>7} {'pieces':>7}   "
+                 f"{'student tokens':>15} {'exact':>7} {'pieces':>7}")
     for name, c in report["categories"].items():
         lines.append(
             f"  {name:<20} {int(c['teacher_tokens']):>15,} {c['teacher_exact_share']:>7.1%} "
-            f"{c['teacher_single_piece_share']:>8.1%}   {int(c['student_tokens']):>15,} "
-            f"{c['student_exact_share']:>7.1%} {c['student_single_piece_share']:>8.1%}"
+            f"{c['teacher_mean_pieces']:>7.2f}   {int(c['student_tokens']):>15,} "
+            f"{c['student_exact_share']:>7.1%} {c['student_mean_pieces']:>7.2f}"
         )
     tx = report["text"]
     if tx:
         lines += [
             "",
             f"on the text ({tx['bytes']:,} bytes):",
-            f"  fertility: teacher {tx['teacher_tokens_per_1000_bytes']:.1f}, student "
-            f"{tx['student_tokens_per_1000_bytes']:.1f} tokens per 1,000 bytes",
-            f"  chunks: {tx['chunks']:,}; 1:1 share {tx['one_to_one_share']:.1%}; mean chunk size "
+            f"  fertility: teacher {tx['teacher_tokens_per_1000_bytes']:.2f}, student "
+            f"{tx['student_tokens_per_1000_bytes']:.2f} tokens per 1,000 bytes",
+            f"  chunks: {tx['chunks']:,}; 1:1 share {tx['one_to_one_share']:.2%}; mean chunk size "
             f"{tx['mean_teacher_tokens_per_chunk']:.3f} teacher / {tx['mean_student_tokens_per_chunk']:.3f} "
             "student tokens",
         ]
@@ -266,6 +267,7 @@ def plot_report(report: dict[str, Any], path: str) -> str:
     values = {role: _shares(report["pieces_histogram"][role]) for role in colours}
     _grouped_bars(ax, buckets, values, colours, label, percent=True)
     ax.set_xlabel("pieces in the other vocabulary")
+    ax.set_ylabel("share of non-special tokens")
     ax.set_title("How many tokens each token re-tokenises into")
 
     ax = axes[1, 0]
@@ -273,6 +275,7 @@ def plot_report(report: dict[str, Any], path: str) -> str:
     values = {role: _shares(report["neighbour_score_histogram"][role]) for role in colours}
     _grouped_bars(ax, bins, values, colours, label, percent=True)
     ax.set_xlabel("best normalised edit-distance similarity (bin start)")
+    ax.set_ylabel("share of tokens with a neighbour")
     ax.set_title("Nearest neighbour of tokens without an exact match")
 
     tx = report["text"]
@@ -284,14 +287,15 @@ def plot_report(report: dict[str, Any], path: str) -> str:
         ax = axes[1, 1]
         vals = [tx["teacher_tokens_per_1000_bytes"], tx["student_tokens_per_1000_bytes"]]
         bars = ax.bar([label["teacher"], label["student"]], vals, color=[colours["teacher"], colours["student"]])
-        ax.bar_label(bars, fmt="%.1f", fontsize=10)
+        ax.bar_label(bars, fmt="%.2f", fontsize=10)
         ax.set_ylabel("tokens per 1,000 bytes")
         ax.set_title(f"Fertility on the text ({tx['bytes']:,} bytes)")
         ax = axes[1, 2]
         values = {role: _shares(tx[f"{role}_tokens_per_chunk_histogram"]) for role in colours}
         _grouped_bars(ax, buckets, values, colours, label, percent=True)
         ax.set_xlabel("tokens in a chunk")
-        ax.set_title(f"Chunk sizes on the text: {tx['one_to_one_share']:.1%} of chunks are 1:1")
+        ax.set_ylabel("share of chunks")
+        ax.set_title(f"Chunk sizes on the text: {tx['one_to_one_share']:.2%} of chunks are 1:1")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)

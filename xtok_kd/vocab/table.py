@@ -1,10 +1,11 @@
 """VocabAlignment: the saved, fingerprinted map between a teacher and a student vocabulary.
 
-File format (``.safetensors``, format version 1): sparse arrays plus one JSON metadata entry ``"xtok_kd"`` holding
-the format version, both tokenizers' names, fingerprints and vocabulary sizes, methods and parameters, statistics,
-library version, the command that made it, and a sha256 over metadata and arrays. Ids are stored as int32,
-decompositions as pieces plus uint16 lengths (offsets and first pieces are derived on load), neighbours only for
-the rows that have some. In memory every id tensor is int64 and neighbours are dense.
+File format (``.safetensors``, format version 1): sparse arrays plus one metadata entry ``"xtok_kd"``, a JSON
+object ``{"checksum": ..., "table": <JSON text>}``. The table text holds the format version, both tokenizers'
+names, fingerprints and vocabulary sizes, methods and parameters, statistics, library version and the command
+that made it; the checksum is a sha256 over that text and every array. Ids are stored as int32, decompositions
+as pieces plus uint16 lengths (offsets and first pieces are derived on load), neighbours only for the rows that
+have some. In memory every id tensor is int64 and neighbours are dense.
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ class VocabAlignment:
         path = os.fspath(path)
         arrays = _to_file_arrays(self)
         meta = json.dumps(self.metadata, sort_keys=True)
-        header = {_META_KEY: meta, "checksum": _checksum(meta, arrays)}
+        # one metadata entry: safetensors writes several in no fixed order, and files should be reproducible
+        header = {_META_KEY: json.dumps({"checksum": _checksum(meta, arrays), "table": meta})}
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
@@ -312,6 +314,9 @@ def _checksum(meta: str, arrays: dict[str, np.ndarray]) -> str:
 
 
 # ---------------------------------------------------------------------- reading and validating a file
+_DTYPE_NAMES = {np.dtype(np.int32): "I32", np.dtype(np.float32): "F32", np.dtype(np.uint16): "U16"}
+
+
 def _file_layout(metadata: dict[str, Any]) -> dict[str, tuple[str, tuple[int | None, ...]]]:
     """Expected dtype and shape (``None``: any length) of every array in a file."""
     vt, vs = metadata["teacher"]["vocab_size"], metadata["student"]["vocab_size"]
@@ -347,8 +352,8 @@ def _read_checked(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         raise bad(f"its header claims {header_len} bytes but the file holds {len(blob) - 8} (truncated?)")
     try:
         header = json.loads(blob[8 : 8 + header_len])
-        meta_text = header["__metadata__"][_META_KEY]
-        checksum = header["__metadata__"]["checksum"]
+        wrapper = json.loads(header["__metadata__"][_META_KEY])
+        meta_text, checksum = wrapper["table"], wrapper["checksum"]
         metadata = json.loads(meta_text)
     except (ValueError, KeyError, TypeError) as err:
         raise bad(f"its header or xtok_kd metadata cannot be read ({type(err).__name__}: {err})") from None
@@ -360,7 +365,10 @@ def _read_checked(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             "rebuild the table with this version (`xtok-kd align`)"
         )
     data_len = len(blob) - 8 - header_len
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError, ValueError) as err:
+        raise bad(f"its header describes no valid arrays ({type(err).__name__}: {err})") from None
     if end != data_len:
         raise bad(f"its arrays need {end} bytes of data but the file holds {data_len} (truncated or padded?)")
     try:
@@ -379,7 +387,7 @@ def _read_checked(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             problems.append(f"array {name!r} is missing")
             continue
         a = arrays[name]
-        got = {np.dtype(np.int32): "I32", np.dtype(np.float32): "F32", np.dtype(np.uint16): "U16"}.get(a.dtype, str(a.dtype))
+        got = _DTYPE_NAMES.get(a.dtype, str(a.dtype))
         if got != dtype or a.ndim != len(shape) or any(w is not None and w != g for w, g in zip(shape, a.shape)):
             want = tuple("*" if w is None else w for w in shape)
             problems.append(f"array {name!r} is {got}{tuple(a.shape)}, expected {dtype}{want}")

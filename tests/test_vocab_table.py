@@ -1,0 +1,189 @@
+"""Saving and loading tables: bit-identical round trip, fingerprint refusal, damaged files fail clearly."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from conftest import tokenizer_path
+
+
+@pytest.fixture(scope="module")
+def views():
+    from xtok_kd.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_path("gpt2")), load_tokenizer(tokenizer_path("mistral"))
+
+
+@pytest.fixture(scope="module")
+def table(views):
+    from xtok_kd.vocab import VocabAlignment
+
+    return VocabAlignment.build(*views, neighbours=3, progress=False)
+
+
+@pytest.fixture()
+def saved(table, tmp_path):
+    return table.save(tmp_path / "t.safetensors")
+
+
+def test_round_trip_is_bit_identical(table, saved, views, tmp_path):
+    from xtok_kd.vocab import VocabAlignment
+    from xtok_kd.vocab.table import TENSORS
+
+    loaded = VocabAlignment.load(saved, *views)
+    for name in TENSORS:
+        a, b = getattr(table, name), getattr(loaded, name)
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+    assert loaded.metadata == table.metadata
+    assert json.dumps(loaded.metadata, sort_keys=True) == json.dumps(table.metadata, sort_keys=True)
+    again = loaded.save(tmp_path / "again.safetensors")
+    assert open(again, "rb").read() == open(saved, "rb").read()
+
+
+def test_metadata_describes_the_table(table, views):
+    meta = table.metadata
+    assert meta["format_version"] == 1 and meta["library_version"]
+    assert meta["teacher"]["fingerprint"] == views[0].fingerprint == table.teacher_fingerprint
+    assert meta["student"]["vocab_size"] == views[1].vocab_size == table.student_vocab_size
+    assert meta["parameters"]["neighbours"] == 3 and "VocabAlignment.build" in meta["command"]
+    assert table.stats["exact_pairs"] == table.exact_teacher.shape[0]
+    assert table.t2s_neighbours.shape == (views[0].vocab_size, 3)
+
+
+def test_refuses_other_tokenizer(saved, views):
+    from xtok_kd.tokenizer import load_tokenizer
+    from xtok_kd.vocab import VocabAlignment
+
+    qwen = load_tokenizer(tokenizer_path("qwen2.5"))
+    with pytest.raises(ValueError) as err:
+        VocabAlignment.load(saved, teacher=views[0], student=qwen)
+    msg = str(err.value)
+    assert views[1].fingerprint in msg and qwen.fingerprint in msg
+    assert "mistral" in msg and "qwen2.5" in msg
+
+
+def test_to_moves_every_tensor(saved):
+    from xtok_kd.vocab import VocabAlignment
+    from xtok_kd.vocab.table import TENSORS
+
+    table = VocabAlignment.load(saved)
+    moved = table.to("meta")
+    assert moved is table and table.device.type == "meta"
+    assert all(getattr(table, name).device.type == "meta" for name in TENSORS)
+
+
+def test_missing_file(tmp_path):
+    from xtok_kd.vocab import VocabAlignment
+
+    with pytest.raises(FileNotFoundError, match="xtok-kd align"):
+        VocabAlignment.load(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("keep", [0, 5, 100, 0.5, -10])
+def test_truncated_file(saved, keep):
+    from xtok_kd.vocab import VocabAlignment
+
+    blob = open(saved, "rb").read()
+    cut = int(len(blob) * keep) if isinstance(keep, float) else (keep if keep >= 0 else len(blob) + keep)
+    with open(saved, "wb") as f:
+        f.write(blob[:cut])
+    with pytest.raises(ValueError, match="not a valid xtok_kd vocabulary table") as err:
+        VocabAlignment.load(saved)
+    assert "truncated" in str(err.value) or "cannot be read" in str(err.value)
+
+
+def test_altered_data_fails_checksum(saved):
+    from xtok_kd.vocab import VocabAlignment
+
+    blob = bytearray(open(saved, "rb").read())
+    blob[-7] ^= 0x01
+    with open(saved, "wb") as f:
+        f.write(bytes(blob))
+    with pytest.raises(ValueError, match="checksum"):
+        VocabAlignment.load(saved)
+
+
+def _rewrite_header(path, edit):
+    """Apply ``edit`` to the table's metadata dict inside the file, keeping the stored checksum."""
+    blob = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    wrapper = json.loads(header["__metadata__"]["xtok_kd"])
+    meta = json.loads(wrapper["table"])
+    edit(meta)
+    wrapper["table"] = json.dumps(meta, sort_keys=True)
+    header["__metadata__"]["xtok_kd"] = json.dumps(wrapper)
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + blob[8 + n :])
+
+
+def test_other_format_version_is_named(saved):
+    from xtok_kd.vocab import VocabAlignment
+
+    def edit(meta):
+        meta["format_version"] = 99
+
+    _rewrite_header(saved, edit)
+    with pytest.raises(ValueError, match="format version 99"):
+        VocabAlignment.load(saved)
+
+
+def test_altered_metadata_fails_checksum(saved):
+    from xtok_kd.vocab import VocabAlignment
+
+    def edit(meta):
+        meta["teacher"]["fingerprint"] = "0" * 16
+
+    _rewrite_header(saved, edit)
+    with pytest.raises(ValueError, match="checksum"):
+        VocabAlignment.load(saved)
+
+
+def test_wrong_shape_is_named(saved):
+    from xtok_kd.vocab import VocabAlignment
+
+    def edit(meta):
+        meta["teacher"]["vocab_size"] += 1
+
+    _rewrite_header(saved, edit)
+    with pytest.raises(ValueError, match="t2s_lengths"):
+        VocabAlignment.load(saved)
+
+
+def test_not_a_table(tmp_path):
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    from xtok_kd.vocab import VocabAlignment
+
+    path = str(tmp_path / "other.safetensors")
+    save_file({"x": np.zeros(3, dtype=np.float32)}, path)
+    with pytest.raises(ValueError, match="cannot be read"):
+        VocabAlignment.load(path)
+
+
+def test_bad_build_arguments(views):
+    from xtok_kd.vocab import VocabAlignment
+
+    with pytest.raises(ValueError, match="neighbours must be an int >= 0"):
+        VocabAlignment.build(*views, neighbours=-1, progress=False)
+
+
+def test_any_flipped_byte_fails_with_value_error(saved):
+    from xtok_kd.vocab import VocabAlignment
+
+    blob = open(saved, "rb").read()
+    positions = sorted(set(list(range(0, 64, 3)) + list(range(64, len(blob), max(1, len(blob) // 40)))))
+    for pos in positions:
+        damaged = bytearray(blob)
+        damaged[pos] ^= 0x5A
+        with open(saved, "wb") as f:
+            f.write(bytes(damaged))
+        with pytest.raises(ValueError, match="not a valid xtok_kd vocabulary table"):
+            VocabAlignment.load(saved)
