@@ -13,10 +13,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="report what two vocabularies share",
                        description="Vocabulary sizes, exact overlap, projection coverage, coverage by category, "
                                    "and (with --text) fertility and chunk statistics on a text.")
-    p.add_argument("teacher", help="teacher tokenizer: folder with tokenizer.json, or hub id")
-    p.add_argument("student", help="student tokenizer: folder with tokenizer.json, or hub id")
+    p.add_argument("teacher", help="teacher tokenizer: folder with tokenizer.json, hub id, or an embedded name "
+                                   "(qwen2.5, mistral, gpt2)")
+    p.add_argument("student", help="student tokenizer: folder with tokenizer.json, hub id, or an embedded name")
     p.add_argument("--table", help="a saved table (default: build it, or reuse the cached one)")
-    p.add_argument("--text", help="a UTF-8 text file for fertility and chunk statistics")
+    p.add_argument("--text", help="a UTF-8 text file for fertility and chunk statistics (default: the embedded "
+                                  "sample, xtok_kd/assets/sample.txt; pass --text '' to skip)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", help="write a PNG of the report here")
     p.add_argument("--samples", type=int, default=8, help="unmatched tokens shown per side (8)")
@@ -26,8 +28,12 @@ def run(args: argparse.Namespace) -> int:
     from ..vocab import VocabAlignment, get_or_build
     from ..vocab.report import format_report, plot_report, vocabulary_report
 
+    from ..assets import SAMPLE_TEXT
+
     text = None
-    if args.text is not None:
+    if args.text is None:
+        args.text = str(SAMPLE_TEXT)
+    if args.text:
         if not os.path.isfile(args.text):
             raise CliError(f"--text {args.text!r}: no such file; pass a UTF-8 text file")
         try:
