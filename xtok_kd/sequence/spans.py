@@ -331,7 +331,7 @@ def _align_tiled(t: np.ndarray, s: np.ndarray) -> Alignment | None:
                 content.shape[1] - content[:, ::-1].argmax(axis=1) - first, count):
             return None
         pairs = content[:, 1:] & content[:, :-1]
-        if not np.array_equal(starts[:, 1:][pairs], ends[:, :-1][pairs]):
+        if np.logical_and(pairs, starts[:, 1:] != ends[:, :-1]).any():
             return None
         lo = starts[np.arange(batch), first]
         sides.append((content, count, first, lo, ends))
@@ -373,27 +373,30 @@ def _align_tiled(t: np.ndarray, s: np.ndarray) -> Alignment | None:
     np.subtract(starts, shift, out=chunk_bytes[:, 0])
     np.subtract(ends, shift, out=chunk_bytes[:, 1])
 
-    def side(pos, sample, closes, close, length):
-        # Chunk of a token = number of closes before it; valid while that close lies in the token's sample.
-        k = np.cumsum(close) - close
-        ok = k < num_chunks
-        k_safe = np.where(ok, k, 0)
-        ok &= chunk_sample[k_safe] == sample if num_chunks else ok & False
-        chunk = np.where(ok, k_safe, -1)
+    def side(pos, sample_count, closes, length):
         chunk_of = np.full(batch * length, -1, dtype=np.int64)
-        chunk_of[pos] = chunk
         count = np.empty(num_chunks, dtype=np.int64)
-        if num_chunks:
-            count[0] = closes[0] + 1
-            np.subtract(closes[1:], closes[:-1], out=count[1:])
-            # A sample's first chunk starts at the sample's first content token, not after the last close.
-            sample_start = np.searchsorted(sample, chunk_sample[opens_sample])
-            count[opens_sample] = closes[opens_sample] - sample_start + 1
-        first_flat = pos[closes - count + 1] if num_chunks else np.zeros(0, dtype=np.int64)
-        return chunk_of.reshape(batch, length), first_flat % length, count
+        if not num_chunks:
+            return chunk_of.reshape(batch, length), np.zeros(0, dtype=np.int64), count
+        count[0] = closes[0] + 1
+        np.subtract(closes[1:], closes[:-1], out=count[1:])
+        # A sample's first chunk starts at the sample's first content token, not after the previous close.
+        sample_start = np.concatenate(([0], np.cumsum(sample_count)[:-1]))
+        count[opens_sample] = closes[opens_sample] - sample_start[chunk_sample[opens_sample]] + 1
+        ids = np.repeat(np.arange(num_chunks), count)
+        if ids.shape[0] == pos.shape[0]:  # every content token is in a chunk (no truncation)
+            chunk_of[pos] = ids
+        else:  # tokens after their sample's last common boundary are in no chunk
+            covered = np.zeros(pos.shape[0] + 1, dtype=np.int64)
+            np.add.at(covered, sample_start[np.unique(chunk_sample)], 1)
+            last = np.full(batch, -1, dtype=np.int64)
+            last[chunk_sample] = closes
+            np.add.at(covered, last[last >= 0] + 1, -1)
+            chunk_of[pos[np.cumsum(covered[:-1]) > 0]] = ids
+        return chunk_of.reshape(batch, length), pos[closes - count + 1] % length, count
 
-    teacher_chunk, teacher_first, teacher_count = side(t_pos, t_sample, t_closes, t_close, t.shape[1])
-    student_chunk, student_first, student_count = side(s_pos, s_sample, s_closes, s_close, s.shape[1])
+    teacher_chunk, teacher_first, teacher_count = side(t_pos, t_count, t_closes, t.shape[1])
+    student_chunk, student_first, student_count = side(s_pos, s_count, s_closes, s.shape[1])
     covered = extent - t_lo
     # Per sample, chunks tile [lo, last common end): the aligned bytes are that range.
     last = np.full(batch, -1, dtype=np.int64)
