@@ -55,8 +55,8 @@ def check_option(name: str, value: Any, allowed: Any) -> None:
 
 
 def _kl_terms(a_logp: torch.Tensor, b_logp: torch.Tensor) -> torch.Tensor:
-    """Elementwise ``a * (log a - log b)``: zero where ``a`` is 0."""
-    return a_logp.exp() * (a_logp - b_logp)
+    """Elementwise ``a * (log a - log b)``: zero where ``a`` is 0 (one fused kernel)."""
+    return torch.nn.functional.kl_div(b_logp, a_logp, reduction="none", log_target=True)
 
 
 def fkl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,8 @@ class Plan:
 
     ``*_base`` ``(K,)``: the row whose distribution the mapping compares (the aligned row; with ``bayesian`` merge the
     row predicting the chunk's last token). ``*_scalar_row``/``_token``/``_chunk`` ``(M,)``: the rows predicting the
-    chunk's other tokens, the actual token ids, the owning chunk (sorted). ``blocks``: ``[start, end)`` chunk ranges.
+    chunk's other tokens, the actual token ids, the owning chunk (sorted). ``blocks``: per block, ``[start, end)`` of
+    its chunks, then of its student scalar rows, then of its teacher scalar rows.
     """
 
     num_chunks: int
@@ -49,7 +50,7 @@ class Plan:
     teacher_scalar_row: torch.Tensor
     teacher_scalar_token: torch.Tensor
     teacher_scalar_chunk: torch.Tensor
-    blocks: list[tuple[int, int]]
+    blocks: list[tuple[int, int, int, int, int, int]]
 
 
 def _side(
@@ -65,7 +66,8 @@ def _side(
     start = torch.cumsum(n_scalar, 0) - n_scalar
     offset = torch.arange(chunk.shape[0], device=first.device) - start[chunk]
     token = first[chunk] + offset + (1 if merge == "observed" else 0)
-    assert ids is not None
+    if ids is None:
+        raise ValueError(f"merge={merge!r} needs the input ids of both sides")
     token_id = ids[sample[chunk], token].long()
     return base_flat, sample[chunk] * length + token - 1, token_id, chunk
 
@@ -93,7 +95,11 @@ def build_plan(
     before = torch.cumsum(cost, 0) - cost
     block_id = (before // chunk_size).tolist()
     starts = [i for i in range(k) if i == 0 or block_id[i] != block_id[i - 1]]  # O(K) ints, once per forward
-    blocks = list(zip(starts, starts[1:] + [k]))
+    edges = torch.tensor(starts + [k], dtype=torch.long)
+    s_edges = torch.searchsorted(s_chunk.cpu(), edges).tolist()  # where each block's scalar rows start
+    t_edges = torch.searchsorted(t_chunk.cpu(), edges).tolist()
+    blocks = [(starts[i], (starts + [k])[i + 1], s_edges[i], s_edges[i + 1], t_edges[i], t_edges[i + 1])
+              for i in range(len(starts))]
     return Plan(k, s_base, t_base, s_row, s_tok, s_chunk, t_row, t_tok, t_chunk, blocks)
 
 
@@ -107,7 +113,7 @@ def _check_finite(x: torch.Tensor, flat_rows: torch.Tensor, length: int, side: s
 
 
 def _token_logp(rows: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    scaled = rows / temperature
+    scaled = rows if temperature == 1.0 else rows / temperature
     lp = scaled.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scaled, -1)
     return lp.clamp_min(math.log(MERGE_PROB_FLOOR))
 
@@ -141,20 +147,16 @@ class _ChunkedKD(torch.autograd.Function):
         metrics = torch.zeros(k, len(spec.metric_names), dtype=cd, device=student_logits.device)
         grad_rows = torch.cat([plan.student_base, plan.student_scalar_row])
         grad_chunk = torch.cat([torch.arange(k, device=grad_rows.device), plan.student_scalar_chunk])
-        compact = student_logits.new_zeros(grad_rows.shape[0], vs) if needs_grad else None
-        for c0, c1 in plan.blocks:
-            m0, m1 = (int(x) for x in torch.searchsorted(plan.student_scalar_chunk, torch.tensor([c0, c1])))
-            n0, n1 = (int(x) for x in torch.searchsorted(plan.teacher_scalar_chunk, torch.tensor([c0, c1])))
+        compact = student_logits.new_empty(grad_rows.shape[0], vs) if needs_grad else None  # every row is written
+        for c0, c1, m0, m1, n0, n1 in plan.blocks:
             with torch.enable_grad():
                 s_rows = plan.student_base[c0:c1]
-                s_base = s_flat[s_rows, :vs].to(cd)
-                _check_finite(s_base, s_rows, spec.student_length, "student")
+                s_base = s_flat.index_select(0, s_rows)[:, :vs].to(cd)
                 s_base.requires_grad_(needs_grad)
                 s_factor = t_factor = s_scalar = None
                 if m1 > m0:
                     sc_rows = plan.student_scalar_row[m0:m1]
-                    s_scalar = s_flat[sc_rows, :vs].to(cd)
-                    _check_finite(s_scalar, sc_rows, spec.student_length, "student")
+                    s_scalar = s_flat.index_select(0, sc_rows)[:, :vs].to(cd)
                     s_scalar.requires_grad_(needs_grad)
                     lp = _token_logp(s_scalar, plan.student_scalar_token[m0:m1], temp)
                     s_factor = lp.new_zeros(c1 - c0).index_add(0, plan.student_scalar_chunk[m0:m1] - c0, lp)
@@ -163,15 +165,12 @@ class _ChunkedKD(torch.autograd.Function):
                 t_sc_tok = plan.teacher_scalar_token[n0:n1]
                 t_base = ids_b = logp_b = None
                 if t_flat is not None:
-                    t_base = t_flat[t_rows, :vt].to(cd)
-                    _check_finite(t_base, t_rows, spec.teacher_length, "teacher")
+                    t_base = t_flat.index_select(0, t_rows)[:, :vt].to(cd)
                     if n1 > n0:
-                        t_scalar = t_flat[t_sc_rows, :vt].to(cd)
-                        _check_finite(t_scalar, t_sc_rows, spec.teacher_length, "teacher")
+                        t_scalar = t_flat.index_select(0, t_sc_rows)[:, :vt].to(cd)
                         lp_t = _token_logp(t_scalar, t_sc_tok, temp)
                 else:
                     ids_b, logp_b = tk_ids[t_rows], tk_logp[t_rows].to(cd)
-                    _check_finite(logp_b, t_rows, spec.teacher_length, "teacher top-k")
                     if n1 > n0:
                         hit = tk_ids[t_sc_rows] == t_sc_tok[:, None]
                         lp_t = tk_logp[t_sc_rows].to(cd).masked_fill(~hit, float("-inf")).amax(-1)
@@ -180,18 +179,29 @@ class _ChunkedKD(torch.autograd.Function):
                     t_factor = lp_t.new_zeros(c1 - c0).index_add(0, plan.teacher_scalar_chunk[n0:n1] - c0, lp_t)
                 block = Block(s_base, t_base, ids_b, logp_b, vt, s_factor, t_factor, temp)
                 loss_b, met_b = spec.block_fn(block)
+                if not bool(torch.isfinite(loss_b.sum() + sum(m.sum() for m in met_b.values()))):
+                    # NaN / inf in any logit the block read reaches its loss or metrics: find it and say where.
+                    _check_finite(s_flat.index_select(0, s_rows)[:, :vs], s_rows, spec.student_length, "student")
+                    if m1 > m0:
+                        _check_finite(s_flat.index_select(0, sc_rows)[:, :vs], sc_rows, spec.student_length, "student")
+                    t_src = t_flat if t_flat is not None else tk_logp
+                    t_w = vt if t_flat is not None else t_src.shape[-1]
+                    _check_finite(t_src.index_select(0, t_rows)[:, :t_w], t_rows, spec.teacher_length, "teacher")
+                    if n1 > n0:
+                        _check_finite(t_src.index_select(0, t_sc_rows)[:, :t_w], t_sc_rows, spec.teacher_length,
+                                      "teacher")
+                    raise FloatingPointError(f"the loss of chunks {c0}..{c1 - 1} is not finite although their logits "
+                                             "are; please report this with the inputs")
                 if needs_grad:
                     inputs = [s_base] if s_scalar is None else [s_base, s_scalar]
                     grads = torch.autograd.grad(loss_b.sum(), inputs, allow_unused=True)
             losses[c0:c1] = loss_b.detach()
             for j, name in enumerate(spec.metric_names):
                 metrics[c0:c1, j] = met_b[name].detach()
-            if needs_grad:
-                assert compact is not None
-                if grads[0] is not None:
-                    compact[c0:c1] = grads[0]
-                if s_scalar is not None and grads[1] is not None:
-                    compact[k + m0:k + m1] = grads[1]
+            if compact is not None:
+                compact[c0:c1] = 0.0 if grads[0] is None else grads[0]
+                if s_scalar is not None:
+                    compact[k + m0:k + m1] = 0.0 if grads[1] is None else grads[1]
             del block, s_base, s_scalar, t_base, loss_b, met_b
         ctx.compact = compact
         ctx.save_for_backward(grad_rows, grad_chunk)
@@ -205,12 +215,11 @@ class _ChunkedKD(torch.autograd.Function):
         compact = ctx.compact
         shape = ctx.logits_shape
         out = compact.new_zeros(math.prod(shape[:-1]), shape[-1])
-        if compact.shape[0]:
-            scale = grad_losses.to(compact.dtype)[grad_chunk]
-            out[:, : compact.shape[1]].index_copy_(0, grad_rows, compact)
-            full = torch.zeros(out.shape[0], dtype=compact.dtype, device=out.device)
-            full[grad_rows] = scale
-            out.mul_(full[:, None])  # in place over the fresh buffer: no (R, V) temporary
+        scale = grad_losses.to(compact.dtype)[grad_chunk]
+        target = out[:, : compact.shape[1]]
+        for r0 in range(0, compact.shape[0], 256):  # scaled copy in row blocks: no (R, V) temporary
+            r1 = min(r0 + 256, compact.shape[0])
+            target.index_copy_(0, grad_rows[r0:r1], compact[r0:r1] * scale[r0:r1, None])
         return out.view(shape), None, None, None, None
 
 

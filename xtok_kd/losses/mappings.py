@@ -56,41 +56,51 @@ def teacher_logp(block: Block) -> tuple[torch.Tensor, torch.Tensor | None]:
     A top-k teacher is densified: unknown columns get :data:`LOG_FLOOR` (probability 0).
     """
     if block.teacher_logits is not None:
-        return torch.log_softmax(block.teacher_logits / block.temperature, -1), None
+        return torch.log_softmax(_scaled(block.teacher_logits, block.temperature), -1), None
     ids, logp = block.teacher_topk_ids, block.teacher_topk_logp
-    assert ids is not None and logp is not None  # the engine passes one form or the other
+    if ids is None or logp is None:
+        raise ValueError("a block needs teacher logits or a teacher top-k")
     c = ids.shape[0]
     dense = logp.new_full((c, block.teacher_vocab_size), LOG_FLOOR).scatter_(1, ids, logp)
     known = torch.zeros(c, block.teacher_vocab_size, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
     return dense, known
 
 
-def _renormalised_log(logp: torch.Tensor, support: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log`` of a distribution restricted to ``support`` and renormalised there; and its mass on the support."""
-    if support is None:
-        lse = torch.logsumexp(logp, -1)
-        return logp - lse[:, None], lse.exp()
-    lse = torch.logsumexp(logp.masked_fill(~support, float("-inf")), -1)
-    return torch.where(support, logp - lse[:, None], logp.new_tensor(LOG_FLOOR)), lse.exp()
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits / temperature
 
 
-def _push(probs: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
-    """``out[:, dst] += probs[:, src] * weight``: a distribution pushed through the table's COO projection."""
-    out = probs.new_zeros(probs.shape[0], width)
-    return out.index_add_(1, dst, probs[:, src] * weight.to(probs.dtype))
+def _push(probs: torch.Tensor, src: torch.Tensor | None, dst: torch.Tensor, weight: torch.Tensor | None,
+          width: int) -> torch.Tensor:
+    """``out[:, dst] += probs[:, src] * weight``: a distribution pushed through the table's COO projection.
+
+    ``src=None`` is the dense form of a projection with at most one entry per source id: ``dst``/``weight`` are
+    indexed by source id (weight 0 for unmapped ids), which saves gathering the source columns. ``weight=None``
+    (dense form, every weight 1) sends unmapped ids to column ``width``, which is dropped: no multiply at all.
+    """
+    if weight is None:  # dense form with unit weights; unmapped sources point at a spare column, cut off after
+        out = probs.new_zeros(probs.shape[0], width + 1).scatter_add_(1, dst.expand(probs.shape[0], -1), probs)
+        return out[:, :width]
+    vals = (probs if src is None else probs.index_select(1, src)) * weight.to(probs.dtype)
+    return probs.new_zeros(probs.shape[0], width).scatter_add_(1, dst.expand(probs.shape[0], -1), vals)
 
 
-def _log_clamped(x: torch.Tensor) -> torch.Tensor:
-    return torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
+def _log_normalised(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``log(x / sum(x))`` per row for non-negative ``x``; with ``valid``, only over valid columns (others floored)."""
+    if valid is not None:
+        x = x * valid
+    logx = torch.log(x.clamp_min(torch.finfo(x.dtype).tiny)) - torch.log(x.sum(-1, keepdim=True))
+    return logx if valid is None else torch.where(valid, logx, logx.new_tensor(LOG_FLOOR))
 
 
 def projection_rows(
     block: Block,
     *,
-    src: torch.Tensor,
+    src: torch.Tensor | None,
     dst: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     support: torch.Tensor | None,
+    compact_of: torch.Tensor | None,
     direction: Direction,
     divergence_name: DivergenceName,
     beta: float,
@@ -100,32 +110,53 @@ def projection_rows(
     """Projection mapping: divergence between the native and the projected distribution in one vocabulary.
 
     ``student_to_teacher`` (default): ``q~ = P(q)`` with ``P(q)[:, dst] += q[:, src] * w`` (the table's COO, source =
-    student); the comparison runs over the teacher columns the projection reaches (``support``, and the teacher's
-    top-k when cached), both distributions renormalised there: ``D(p|S / p(S), q~|S / q~(S))``. Every student token
+    student); the comparison runs over the teacher columns ``S`` the projection reaches (and the teacher's top-k
+    when cached), both distributions renormalised there: ``D(p|S / p(S), q~|S / q~(S))``. Every student token
     reaches the loss through the teacher token its text starts with (Llama's "123" counts towards Qwen's "1").
     ``teacher_to_student``: ``p~ = P(p)`` pushed into the student vocabulary, compared over the student columns it
     reaches; student mass outside those columns is not penalised, which is why it is not the default.
 
+    ``support`` ``(|S|,)`` lists the reachable target columns (None: all of them) and ``dst`` is already expressed
+    in positions of ``support``; ``compact_of`` ``(V_target,)`` maps a target id to its position (-1 outside).
+    The comparison runs on the ``(c, |S|)`` compacted columns, never on masks over the full width.
+
     Metrics: ``teacher_mass_mapped`` (teacher mass that reaches the comparison, before renormalisation).
     """
-    t_logp, known = teacher_logp(block)
-    s_logp = torch.log_softmax(block.student_logits / block.temperature, -1)
+    temp = block.temperature
+    s_scaled = _scaled(block.student_logits, temp)
+    width = support.shape[0] if support is not None else None
     if direction == "student_to_teacher":
-        width = t_logp.shape[-1]
-        q_proj = _push(s_logp.exp(), src, dst, weight, width)
-        mask = support if known is None else (known if support is None else known & support)
-        if mask is not None and mask.dim() == 1:
-            mask = mask.expand(t_logp.shape[0], -1)
-        t_tilde, t_mass = _renormalised_log(t_logp, mask)
-        s_tilde, _ = _renormalised_log(_log_clamped(q_proj), mask)
+        width = width or block.teacher_vocab_size
+        q_proj = _push(torch.softmax(s_scaled, -1), src, dst, weight, width)
+        if block.teacher_logits is not None:
+            u = _scaled(block.teacher_logits, temp)
+            u_s = u if support is None else u.index_select(1, support)
+            t_tilde = torch.log_softmax(u_s, -1)
+            with torch.no_grad():  # mass on S = exp(lse_S - lse_all); lse_S read off the log-softmax
+                t_mass = (u_s[:, 0] - t_tilde[:, 0] - torch.logsumexp(u, -1)).exp() if support is not None else \
+                    torch.ones_like(u[:, 0])
+            s_tilde = _log_normalised(q_proj)
+        else:
+            ids, logp = block.teacher_topk_ids, block.teacher_topk_logp
+            pos = ids if compact_of is None else compact_of[ids]
+            valid = pos >= 0
+            lse = torch.logsumexp(logp.masked_fill(~valid, float("-inf")), -1, keepdim=True)
+            t_tilde = torch.where(valid, logp - lse, logp.new_tensor(LOG_FLOOR))
+            t_mass = lse.squeeze(-1).exp()
+            s_tilde = _log_normalised(q_proj.gather(1, pos.clamp_min(0)), valid)
     else:
-        width = s_logp.shape[-1]
+        width = width or block.student_logits.shape[-1]
+        t_logp, known = teacher_logp(block)
         p_proj = _push(t_logp.exp(), src, dst, weight, width)
-        mask = (p_proj > 0) if known is not None else support
-        if mask is not None and mask.dim() == 1:
-            mask = mask.expand(s_logp.shape[0], -1)
-        t_tilde, t_mass = _renormalised_log(_log_clamped(p_proj), mask)
-        s_tilde, _ = _renormalised_log(s_logp, mask)
+        t_mass = p_proj.sum(-1).detach()
+        s_s = s_scaled if support is None else s_scaled.index_select(1, support)
+        if known is None:
+            t_tilde = _log_normalised(p_proj)
+            s_tilde = torch.log_softmax(s_s, -1)
+        else:  # a top-k teacher reaches only some columns: compare there
+            valid = p_proj > 0
+            t_tilde = _log_normalised(p_proj, valid)
+            s_tilde = _log_normalised(torch.softmax(s_s, -1), valid)
     loss = divergence(t_tilde, s_tilde, kind=divergence_name, beta=beta, alpha=alpha, mu=mu)
     return loss, {"teacher_mass_mapped": t_mass.detach()}
 
@@ -140,16 +171,17 @@ def uld_rows(block: Block, *, top_k: int | None) -> tuple[torch.Tensor, dict[str
     With ``top_k`` (or a cached top-k teacher) the metric ``uld_bound`` is the width of the interval holding the
     exact value (see :func:`~xtok_kd.losses.uld.sorted_l1_topk`); it is 0 for the exact form.
     """
-    s_logp = torch.log_softmax(block.student_logits / block.temperature, -1)
+    s_logp = torch.log_softmax(_scaled(block.student_logits, block.temperature), -1)
     q = _merged_probs(s_logp, block.student_factor)
     if block.teacher_logits is not None:
-        p = _merged_probs(torch.log_softmax(block.teacher_logits / block.temperature, -1), block.teacher_factor)
+        p = _merged_probs(torch.log_softmax(_scaled(block.teacher_logits, block.temperature), -1), block.teacher_factor)
         if top_k is None:
             loss = sorted_l1(p, q)
             return loss, {"uld_bound": torch.zeros_like(loss).detach()}
         p_mass = None  # complete rows: their sums are the masses
     else:
-        assert block.teacher_topk_logp is not None
+        if block.teacher_topk_logp is None:
+            raise ValueError("a block needs teacher logits or a teacher top-k")
         p = _merged_probs(block.teacher_topk_logp, block.teacher_factor)
         p_mass = torch.ones_like(p[:, 0]) if block.teacher_factor is None else block.teacher_factor.exp()
         top_k = min(top_k or p.shape[-1], p.shape[-1])
@@ -182,8 +214,8 @@ def hybrid_rows(
     """
     if block.teacher_logits is None:
         raise ValueError("mapping='hybrid' needs full teacher logits, not a cached top-k")
-    p = _merged_probs(torch.log_softmax(block.teacher_logits / block.temperature, -1), block.teacher_factor)
-    q = _merged_probs(torch.log_softmax(block.student_logits / block.temperature, -1), block.student_factor)
+    p = _merged_probs(torch.log_softmax(_scaled(block.teacher_logits, block.temperature), -1), block.teacher_factor)
+    q = _merged_probs(torch.log_softmax(_scaled(block.student_logits, block.temperature), -1), block.student_factor)
     matched = divergence(
         torch.log(p[:, teacher_matched].clamp_min(prob_floor)),
         torch.log(q[:, student_matched].clamp_min(prob_floor)),

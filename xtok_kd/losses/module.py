@@ -68,8 +68,9 @@ class CrossTokenizerKDLoss(nn.Module):
         temperature: ``T > 0``, applied to both sides' logits; ``scale_by_temperature_sq`` multiplies by ``T^2``.
         top_k: ``uld`` only: compare the ``k`` largest probabilities plus the tail masses (bound in the metrics);
             clamped to each side's vocabulary width (a narrower row is zero-padded). None: exact full sort.
-        chunk_size: rows per block (memory: about ``chunk_size * (Vt + Vs) * 4`` bytes per live buffer; 256 rows at
-            150k + 128k columns is ~0.3 GB per buffer).
+        chunk_size: aligned rows per block. Memory: about ``chunk_size * (Vt + Vs) * 4`` bytes per live buffer (32
+            rows at 152k + 128k columns: 36 MB; a block keeps ~10 alive), plus one fp gradient row per student row
+            the loss reads. On CPU 32 is as fast as larger blocks; on GPU raise it to 256-1024 within your budget.
         merge: multi-token chunks (``uld``/``hybrid``): ``none`` compares the aligned rows only; ``observed``
             multiplies the aligned row by the probabilities of the chunk's later actual tokens; ``bayesian``
             takes the row predicting the chunk's last token times the probabilities of the earlier ones (GOLD).
@@ -85,7 +86,10 @@ class CrossTokenizerKDLoss(nn.Module):
 
     Rules: logits wider than the vocabulary (a model's padded width, e.g. Qwen2.5's 151,936 columns for 151,665 ids)
     are sliced to it before any softmax, so the padding columns never take mass and get zero gradient; narrower
-    logits raise. Non-finite (NaN/inf) logits in a row the loss reads raise ``ValueError`` naming the position. An
+    logits raise. NaN or +inf in a row the loss reads raises ``ValueError`` naming the batch index and position;
+    -inf (a ruled-out token) is probability 0, accepted where the math stays finite (sorted L1, TVD) and reported
+    the same way where it would make the loss NaN or infinite (a log of it). Detection costs nothing: it is read off
+    the block's loss, and only then are the block's rows searched. An
     alignment with nothing to compare gives a zero loss connected to the graph (gradients are zeros). The teacher is
     a constant: no gradient reaches ``teacher_logits``. Math runs in fp32 per block (fp64 for fp64 logits); the
     gradient is returned in the student logits' dtype.
@@ -100,7 +104,7 @@ class CrossTokenizerKDLoss(nn.Module):
         temperature: float = 1.0,
         scale_by_temperature_sq: bool = True,
         top_k: int | None = None,
-        chunk_size: int = 256,
+        chunk_size: int = 32,
         merge: Merge = "none",
         direction: Direction = "student_to_teacher",
         beta: float = 0.5,
@@ -161,7 +165,31 @@ class CrossTokenizerKDLoss(nn.Module):
             self.register_buffer("projection_weight", torch.as_tensor(weight, dtype=torch.float32))
             reach = torch.zeros(width, dtype=torch.bool)
             reach[self.projection_dst[self.projection_weight > 0]] = True
-            self.register_buffer("projection_support", None if bool(reach.all()) else reach)
+            if bool(reach.all()):
+                support = compact_of = None
+            else:  # compare on the reachable columns only: express dst as positions among them
+                support = reach.nonzero().flatten()
+                compact_of = torch.full((width,), -1, dtype=torch.long)
+                compact_of[support] = torch.arange(support.shape[0])
+                keep = reach[self.projection_dst]
+                self.projection_src = self.projection_src[keep]
+                self.projection_weight = self.projection_weight[keep]
+                self.projection_dst = compact_of[self.projection_dst[keep]]
+            src_width = self.student_vocab_size if direction == "student_to_teacher" else self.teacher_vocab_size
+            if torch.unique(self.projection_src).shape[0] == self.projection_src.shape[0]:
+                # At most one entry per source id: keep the dense form (no gather of source columns per block).
+                dense_dst = torch.zeros(src_width, dtype=torch.long)
+                dense_w = torch.zeros(src_width, dtype=torch.float32)
+                dense_dst[self.projection_src] = self.projection_dst
+                dense_w[self.projection_src] = self.projection_weight
+                if bool((self.projection_weight == 1).all()):  # unit weights: unmapped ids go to a spare column
+                    mapped = torch.zeros(src_width, dtype=torch.bool)
+                    mapped[self.projection_src] = True
+                    dense_dst[~mapped] = width if support is None else support.shape[0]
+                    dense_w = None
+                self.projection_src, self.projection_dst, self.projection_weight = None, dense_dst, dense_w
+            self.register_buffer("projection_support", support)
+            self.register_buffer("projection_compact_of", compact_of)
         if mapping == "hybrid":
             t_ids, s_ids = matched_pairs if matched_pairs is not None else (table.exact_teacher, table.exact_student)
             self.register_buffer("teacher_matched", _as_long(t_ids))
@@ -188,6 +216,7 @@ class CrossTokenizerKDLoss(nn.Module):
         if self.mapping == "projection":
             return functools.partial(projection_rows, src=self.projection_src, dst=self.projection_dst,
                                      weight=self.projection_weight, support=self.projection_support,
+                                     compact_of=self.projection_compact_of,
                                      direction=self.direction, **knobs), ("teacher_mass_mapped",)
         if self.mapping == "uld":
             return functools.partial(uld_rows, top_k=self.top_k), ("uld_bound",)

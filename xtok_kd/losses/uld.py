@@ -7,7 +7,8 @@ use ULD when nothing maps (unrelated vocabularies) or to reproduce ULD / GOLD.
 
 Two forms:
 
-* :func:`sorted_l1` sorts the full rows (exact, ``O(V log V)`` per row);
+* :func:`sorted_l1` sorts the full rows (exact; on CPU a radix argsort for the differentiated side and numpy's
+  vectorised sort for the other; the gradient is formed in the forward);
 * :func:`sorted_l1_topk` compares the ``k`` largest entries and the two tail masses ``tail = mass - sum(head)``:
   ``approx = sum_{r<=k} |p_(r) - q_(r)| + |tail_p - tail_q|``. Since ``|tail_p - tail_q| <= sum_{r>k} |p_(r) -
   q_(r)| <= tail_p + tail_q``, the exact value lies in ``[approx, approx + 2 * min(tail_p, tail_q)]``; that width is
@@ -16,16 +17,69 @@ Two forms:
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 
 __all__ = ["sorted_l1", "sorted_l1_topk"]
 
 
-def _sorted_desc(x: torch.Tensor) -> torch.Tensor:
-    if x.requires_grad:
-        return torch.sort(x, dim=-1, descending=True).values
-    with torch.no_grad():
-        return torch.sort(x, dim=-1, descending=True).values
+def _argsort_ascending(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise ascending argsort. fp32 on CPU: a two-pass LSD radix sort of the float bits (non-negative floats
+    order like their bit patterns), about twice as fast as a comparison sort at 150k columns; else ``torch.sort``."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        bits = x.detach().contiguous().numpy().view(np.uint32)
+        low = np.argsort((bits & 0xFFFF).astype(np.uint16), axis=-1, kind="stable")
+        high = (np.take_along_axis(bits, low, -1) >> 16).astype(np.uint16)
+        order = np.take_along_axis(low, np.argsort(high, axis=-1, kind="stable"), -1)
+        return torch.from_numpy(order)
+    return torch.sort(x.detach(), dim=-1).indices
+
+
+def _sort_ascending(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise ascending values (numpy's vectorised sort on CPU, ``torch.sort`` elsewhere)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.detach().contiguous().numpy(), axis=-1))
+    return torch.sort(x.detach(), dim=-1).values
+
+
+class _SortedL1(torch.autograd.Function):
+    """Sorted L1 with its gradient formed in the forward: ``d/dx_j = sign(x_(r_j) - y_(r_j))`` at ``x_j``'s rank."""
+
+    @staticmethod
+    def forward(ctx: Any, teacher_probs: torch.Tensor, student_probs: torch.Tensor) -> torch.Tensor:
+        n = min(teacher_probs.shape[-1], student_probs.shape[-1])
+        grads = []
+        sorted_rows = []
+        for x, needs in ((teacher_probs, ctx.needs_input_grad[0]), (student_probs, ctx.needs_input_grad[1])):
+            if needs:
+                order = _argsort_ascending(x).flip(-1).to(x.device)
+                sorted_rows.append(x.detach().gather(1, order))
+                grads.append(order)
+            else:
+                sorted_rows.append(_sort_ascending(x).flip(-1).to(x.device))
+                grads.append(None)
+        p, q = sorted_rows
+        diff = p[:, :n] - q[:, :n]
+        loss = diff.abs().sum(-1) + p[:, n:].sum(-1) + q[:, n:].sum(-1)
+        sign = diff.sign()
+        saved = []
+        for x, order, head_sign in ((teacher_probs, grads[0], sign), (student_probs, grads[1], -sign)):
+            if order is None:
+                saved.append(None)
+                continue
+            in_sorted = torch.ones_like(x)  # ranks beyond the other row's width compare with 0: sign +1
+            in_sorted[:, :n] = head_sign
+            saved.append(torch.empty_like(x).scatter_(1, order, in_sorted))
+        ctx.grads = saved
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, Any]:
+        g_t, g_s = ctx.grads
+        return (None if g_t is None else grad_loss[:, None] * g_t,
+                None if g_s is None else grad_loss[:, None] * g_s)
 
 
 def sorted_l1(teacher_probs: torch.Tensor, student_probs: torch.Tensor) -> torch.Tensor:
@@ -36,14 +90,12 @@ def sorted_l1(teacher_probs: torch.Tensor, student_probs: torch.Tensor) -> torch
         student_probs: ``(N, Vs)``.
 
     Returns:
-        ``(N,)``: ``sum_r |p_(r) - q_(r)|`` over ``max(Vt, Vs)`` ranks (zero padding).
+        ``(N,)``: ``sum_r |p_(r) - q_(r)|`` over ``max(Vt, Vs)`` ranks (zero padding). Differentiable in both
+        inputs (only the inputs that require grad are argsorted). Ties: any valid subgradient.
     """
     if teacher_probs.shape[0] != student_probs.shape[0]:
         raise ValueError(f"row counts differ: teacher {teacher_probs.shape[0]}, student {student_probs.shape[0]}")
-    p = _sorted_desc(teacher_probs)
-    q = _sorted_desc(student_probs)
-    n = min(p.shape[-1], q.shape[-1])
-    return (p[:, :n] - q[:, :n]).abs().sum(-1) + p[:, n:].sum(-1) + q[:, n:].sum(-1)
+    return _SortedL1.apply(teacher_probs, student_probs)
 
 
 def _head(x: torch.Tensor, k: int) -> torch.Tensor:
