@@ -93,8 +93,10 @@ def build_plan(
     else:
         cost = torch.maximum(rows.student_count, rows.teacher_count).long().cpu()
     before = torch.cumsum(cost, 0) - cost
-    block_id = (before // chunk_size).tolist()
-    starts = [i for i in range(k) if i == 0 or block_id[i] != block_id[i - 1]]  # O(K) ints, once per forward
+    block_id = before // chunk_size
+    opens = torch.ones(k, dtype=torch.bool)
+    opens[1:] = block_id[1:] != block_id[:-1]
+    starts = torch.nonzero(opens).flatten().tolist()  # one int per block, not per chunk
     edges = torch.tensor(starts + [k], dtype=torch.long)
     s_edges = torch.searchsorted(s_chunk.cpu(), edges).tolist()  # where each block's scalar rows start
     t_edges = torch.searchsorted(t_chunk.cpu(), edges).tolist()
