@@ -319,18 +319,13 @@ class TokenizerView:
             )
         spans = np.empty((n, 2), dtype=np.int64)
         idx = np.flatnonzero(content)
-        if idx.shape[0]:
-            starts, ends = _fix_spans(byte_starts[idx], byte_ends[idx], self.token_lengths[ids[idx]])
-            spans[idx, 0] = starts
-            spans[idx, 1] = ends
+        spans[idx, 0], spans[idx, 1] = _fix_spans(byte_starts[idx], byte_ends[idx], self.token_lengths[ids[idx]])
         # Empty spans sit where the next content token starts (or at the end), so spans stay monotone.
         empty = np.flatnonzero(~content)
         if empty.shape[0]:
-            next_start = np.full(n + 1, num_bytes, dtype=np.int64)
-            if idx.shape[0]:
-                marks = np.full(n + 1, num_bytes, dtype=np.int64)
-                marks[idx] = spans[idx, 0]
-                next_start = np.minimum.accumulate(marks[::-1])[::-1]
+            marks = np.full(n + 1, num_bytes, dtype=np.int64)
+            marks[idx] = spans[idx, 0]
+            next_start = np.minimum.accumulate(marks[::-1])[::-1]
             spans[empty, 0] = next_start[empty]
             spans[empty, 1] = next_start[empty]
         self._absorb_gaps(text, spans, idx, num_bytes, byte_starts[~added & special & (byte_ends > byte_starts)])
