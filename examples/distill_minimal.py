@@ -8,7 +8,7 @@ Without ``--pretrained`` both models are tiny randomly initialised transformers 
 so the loop runs anywhere in seconds; it shows the wiring, not a useful student. The three pieces:
 
 1. ``CrossTokenizerCollator`` tokenizes each text for both models and aligns them byte-exactly;
-2. ``get_or_build`` gives the vocabulary table (built once, then cached);
+2. ``collator.table`` is the vocabulary table (built on first use, then cached on disk);
 3. ``CrossTokenizerKDLoss`` compares the aligned rows; add it to the student's own cross-entropy.
 """
 
@@ -20,7 +20,6 @@ import torch
 
 from xtok_kd import CrossTokenizerCollator, CrossTokenizerKDLoss, load_tokenizer
 from xtok_kd.assets import SAMPLE_TEXT
-from xtok_kd.vocab import get_or_build
 
 
 def tiny_model(vocab_size: int, seed: int) -> torch.nn.Module:
@@ -67,8 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     teacher.eval().requires_grad_(False)
 
     collator = CrossTokenizerCollator(teacher_tok, student_tok, max_length=args.max_length)
-    table = get_or_build(teacher_tok, student_tok)
-    kd = CrossTokenizerKDLoss(table=table, mapping="projection", divergence="fkl")
+    kd = CrossTokenizerKDLoss(table=collator.table, mapping="projection", divergence="fkl")  # built once, cached
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
 
     texts = passages(SAMPLE_TEXT.read_text(encoding="utf-8"), size=300)

@@ -111,3 +111,25 @@ def test_bad_examples(qwen, gpt2):
         CrossTokenizerCollator(qwen, gpt2, loss_on="answers")
     with pytest.raises(ValueError, match="max_length must be a positive int"):
         CrossTokenizerCollator(qwen, gpt2, max_length=0)
+
+
+def test_collator_and_loss_build_the_table_from_tokenizers(tmp_path, monkeypatch, qwen, gpt2):
+    """Two tokenizers and no table: the table is built once, cached where XTOK_KD_CACHE points, and reused."""
+    import torch
+
+    from xtok_kd import CrossTokenizerKDLoss
+
+    monkeypatch.setenv("XTOK_KD_CACHE", str(tmp_path))
+    collator = CrossTokenizerCollator(qwen, gpt2)
+    table = collator.table
+    assert collator.table is table
+    cached = list(tmp_path.glob("*.safetensors"))
+    assert len(cached) == 1 and qwen.fingerprint in cached[0].name and gpt2.fingerprint in cached[0].name
+    stamp = cached[0].stat().st_mtime_ns
+    kd = CrossTokenizerKDLoss(teacher=qwen, student=gpt2)  # loads the cached table, does not rebuild
+    assert cached[0].stat().st_mtime_ns == stamp
+    assert torch.equal(kd.projection_dst, CrossTokenizerKDLoss(table=table).projection_dst)
+    with pytest.raises(ValueError, match="pass both teacher= and student="):
+        CrossTokenizerKDLoss(teacher=qwen)
+    with pytest.raises(ValueError, match="either table= or teacher=/student="):
+        CrossTokenizerKDLoss(table=table, teacher=qwen, student=gpt2)

@@ -159,6 +159,17 @@ class CrossTokenizerCollator:
         self.student_max_length = student_max_length or max_length
         self.loss_on = loss_on
         self.pad_to_multiple_of = pad_to_multiple_of
+        self._table: Any = None
+
+    @property
+    def table(self) -> Any:
+        """The teacher/student vocabulary table, built on first use and cached on disk
+        (:func:`xtok_kd.vocab.get_or_build`): pass it to :class:`~xtok_kd.CrossTokenizerKDLoss`."""
+        if self._table is None:
+            from .vocab import get_or_build
+
+            self._table = get_or_build(self.teacher, self.student)
+        return self._table
 
     def encode_example(self, example: Mapping[str, Any]) -> tuple[EncodedExample, EncodedExample, np.ndarray]:
         """Both sides of one example, and the content-coordinate start of every assistant byte range

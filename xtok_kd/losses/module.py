@@ -60,6 +60,9 @@ class CrossTokenizerKDLoss(nn.Module):
     Args:
         table: a vocabulary table (:class:`xtok_kd.vocab.VocabAlignment` or an object with its attributes); needed by
             ``projection``, and by ``hybrid`` unless ``matched_pairs`` is given. Its index tensors become buffers.
+        teacher / student: the two tokenizers (anything :func:`xtok_kd.load_tokenizer` takes), instead of
+            ``table``: the table is then built once and cached (:func:`xtok_kd.vocab.get_or_build`, under
+            ``$XTOK_KD_CACHE`` or the user cache directory; the path is logged).
         mapping: ``projection`` (distribution pushed through the table, divergence in one vocabulary; the default and
             the one that keeps token identity), ``uld`` (sorted-probability L1, no table needed), ``hybrid`` (GOLD:
             divergence on exactly matched columns plus sorted L1 on the rest).
@@ -99,6 +102,8 @@ class CrossTokenizerKDLoss(nn.Module):
         self,
         *,
         table: Any = None,
+        teacher: Any = None,
+        student: Any = None,
         mapping: Mapping = "projection",
         divergence: DivergenceName = "fkl",
         temperature: float = 1.0,
@@ -124,6 +129,14 @@ class CrossTokenizerKDLoss(nn.Module):
         check_option("direction", direction, Direction)
         check_option("reduction", reduction, Reduction)
         errors = []
+        if (teacher is None) != (student is None):
+            errors.append("pass both teacher= and student= tokenizers (or a table=)")
+        elif teacher is not None and table is not None:
+            errors.append("pass either table= or teacher=/student=, not both")
+        elif teacher is not None and (mapping == "projection" or (mapping == "hybrid" and matched_pairs is None)):
+            from ..vocab import get_or_build
+
+            table = get_or_build(teacher, student)
         if not temperature > 0:
             errors.append(f"temperature must be > 0, got {temperature}")
         if not (isinstance(chunk_size, int) and chunk_size >= 1):
@@ -143,7 +156,8 @@ class CrossTokenizerKDLoss(nn.Module):
             errors.append("merge must be 'none' with mapping='projection' (the projected rows are renormalised, "
                           "which cancels a merge factor)")
         if mapping == "projection" and table is None:
-            errors.append("mapping='projection' needs table= (xtok_kd.vocab.VocabAlignment.build(teacher, student))")
+            errors.append("mapping='projection' needs table= (xtok_kd.vocab.VocabAlignment.build(teacher, student)) "
+                          "or teacher= and student= tokenizers")
         if mapping == "hybrid" and table is None and matched_pairs is None:
             errors.append("mapping='hybrid' needs table= or matched_pairs=(teacher_ids, student_ids)")
         if hybrid_weights is not None and len(hybrid_weights) != 2:
