@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from xtok_kd.sequence import align_spans  # noqa: E402
+from xtok_kd.sequence import align_spans, pad_spans  # noqa: E402
 from xtok_kd.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def main() -> None:
         n_tokens = sum(len(a) + len(b) for a, b in zip(te, se))
         t_lists = [a.spans.tolist() for a in te]
         s_lists = [b.spans.tolist() for b in se]
-        batches = [(np.stack(_pad([a.spans for a in te[i:i + 8]])), np.stack(_pad([b.spans for b in se[i:i + 8]])))
+        batches = [(pad_spans([a.spans for a in te[i:i + 8]]), pad_spans([b.spans for b in se[i:i + 8]]))
                    for i in range(0, len(te), 8)]
 
         def ours_single():
@@ -149,15 +149,6 @@ def _via_offsets(view, text):
     """The general span path (tokenizer offsets), which the fast path replaces when token bytes spell the text."""
     enc = view.backend.encode(text)
     return view._encoding_from_offsets(text, enc, np.array(enc.ids, dtype=np.int64))
-
-
-def _pad(spans_list):
-    width = max(s.shape[0] for s in spans_list)
-    out = []
-    for s in spans_list:
-        pad = np.repeat(s[-1:, 1:].repeat(2, axis=1), width - s.shape[0], axis=0)
-        out.append(np.concatenate([s, pad]))
-    return out
 
 
 if __name__ == "__main__":
