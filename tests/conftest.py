@@ -1,4 +1,10 @@
-"""Shared fixtures: real tokenizers from ../shared/tokenizers (or $XTOK_KD_TOKENIZERS)."""
+"""Shared fixtures: real tokenizers and a small corpus.
+
+Qwen2.5, Mistral and GPT-2 ship inside the package (``xtok_kd/assets/tokenizers``), so tests that use them always
+run. Llama 3.2 may not be copied into the project: tests that need it read ``../shared/tokenizers/llama3.2`` (or the
+folder named by ``$XTOK_KD_TOKENIZERS``) and skip, saying so, when it is absent. The corpus is the head of
+tinyshakespeare (public domain) committed in ``tests/data``; ``$XTOK_KD_CORPUS`` or ``../shared`` give the whole.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,20 @@ from pathlib import Path
 
 import pytest
 
+from xtok_kd.assets import embedded_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZERS = Path(os.environ.get("XTOK_KD_TOKENIZERS", REPO.parent / "shared" / "tokenizers"))
 CORPUS = Path(os.environ.get("XTOK_KD_CORPUS", REPO.parent / "shared" / "corpora" / "tinyshakespeare.txt"))
+CORPUS_HEAD = Path(__file__).resolve().parent / "data" / "tinyshakespeare_head.txt"
 
 
 def tokenizer_path(name: str) -> str:
-    """Folder of tokenizer ``name`` (qwen2.5, llama3.2, mistral, gpt2); skips the test when it is absent."""
+    """Folder of tokenizer ``name``: the embedded copy for qwen2.5, mistral and gpt2; for others (llama3.2) the
+    folder under ``$XTOK_KD_TOKENIZERS`` or ``../shared/tokenizers``, skipping the test when it is absent."""
+    embedded = embedded_tokenizer(name)
+    if embedded is not None:
+        return str(embedded)
     path = TOKENIZERS / name
     if not (path / "tokenizer.json").is_file():
         pytest.skip(f"tokenizer {name!r} not found at {path}; set XTOK_KD_TOKENIZERS to a folder holding it")
@@ -21,9 +34,9 @@ def tokenizer_path(name: str) -> str:
 
 
 def corpus_text() -> str:
-    if not CORPUS.is_file():
-        pytest.skip(f"corpus not found at {CORPUS}; set XTOK_KD_CORPUS")
-    return CORPUS.read_text(encoding="utf-8")
+    """The corpus: the full file when present, else the committed head (about 8 kB)."""
+    path = CORPUS if CORPUS.is_file() else CORPUS_HEAD
+    return path.read_text(encoding="utf-8")
 
 
 def _view(name: str):
