@@ -85,6 +85,11 @@ def test_inspect_builds_into_cache(tmp_path, monkeypatch, capsys):
         (["inspect", "{gpt2}", "{gpt2}", "--table", "{tmp}/missing.safetensors"], "xtok-kd align"),
         (["inspect", "{gpt2}", "{gpt2}", "--text", "{tmp}/missing.txt"], "no such file"),
         (["inspect", "{gpt2}", "{gpt2}", "--plot", "{tmp}/x.jpg"], "should end in .png"),
+        (["align", "{gpt2}", "{gpt2}", "-o", "{tmp}"], "is a folder"),
+        (["align", "{gpt2}", "{gpt2}", "-o", "{tmp}/no/such/folder/t.safetensors"], "does not exist"),
+        (["align", "{gpt2}", "{gpt2}/tokenizer.json", "-o", "{tmp}/t.safetensors"], "is a file"),
+        (["inspect", "{gpt2}", "{gpt2}", "--plot", "{tmp}/no/such/folder/x.png"], "does not exist"),
+        (["inspect", "{gpt2}", "{gpt2}", "--text", "{tmp}"], "not a regular file"),
     ],
 )
 def test_bad_input_gives_a_clear_error(argv, needle, tmp_path, capsys):
@@ -92,6 +97,13 @@ def test_bad_input_gives_a_clear_error(argv, needle, tmp_path, capsys):
     code, out, err = _run(argv, capsys)
     assert code == 2 and needle in err and "Traceback" not in err
     assert err.startswith(f"xtok-kd {argv[0]}: error:")
+
+
+def test_align_refuses_an_existing_output_without_force(saved_table, capsys):
+    before = saved_table.read_bytes()
+    code, _, err = _run(["align", tokenizer_path("gpt2"), tokenizer_path("mistral"), "-o", str(saved_table)], capsys)
+    assert code == 2 and "already exists" in err and "--force" in err and "Traceback" not in err
+    assert saved_table.read_bytes() == before
 
 
 def test_table_for_other_tokenizers_is_refused(saved_table, capsys):

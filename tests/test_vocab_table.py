@@ -187,3 +187,85 @@ def test_any_flipped_byte_fails_with_value_error(saved):
             f.write(bytes(damaged))
         with pytest.raises(ValueError, match="not a valid xtok_kd vocabulary table"):
             VocabAlignment.load(saved)
+
+
+# ---------------------------------------------------------------------- saving never loses another file
+def _model_weights(path):
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    save_file({"lm_head.weight": np.arange(12, dtype=np.float32).reshape(3, 4)}, str(path),
+              metadata={"format": "pt"})
+    return open(path, "rb").read()
+
+
+def test_save_refuses_an_existing_table_unless_overwrite(table, saved, tmp_path):
+    from xtok_kd.vocab import VocabAlignment
+
+    before = open(saved, "rb").read()
+    with pytest.raises(FileExistsError, match="overwrite=True") as err:
+        table.save(saved)
+    assert saved in str(err.value)
+    assert open(saved, "rb").read() == before
+    other = VocabAlignment.load(saved)
+    other.metadata = dict(other.metadata, command="changed")
+    assert other.save(saved, overwrite=True) == saved
+    assert VocabAlignment.load(saved).metadata["command"] == "changed"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # no temp file left
+
+
+@pytest.mark.parametrize("kind", ["model weights", "text", "empty", "other xtok_kd key", "folder"])
+def test_save_never_replaces_what_is_not_a_table(table, tmp_path, kind):
+    path = tmp_path / "model.safetensors"
+    if kind == "model weights":
+        before = _model_weights(path)
+    elif kind == "other xtok_kd key":
+        from safetensors.numpy import save_file
+        import numpy as np
+
+        save_file({"w": np.zeros(2, dtype=np.float32)}, str(path), metadata={"xtok_kd": json.dumps({"x": 1})})
+        before = open(path, "rb").read()
+    elif kind == "folder":
+        path.mkdir()
+        (path / "keep.txt").write_text("data")
+        before = None
+    else:
+        before = b"" if kind == "empty" else b"my notes, not a table\n" * 100
+        path.write_bytes(before)
+    expected = IsADirectoryError if kind == "folder" else FileExistsError
+    for overwrite in (False, True):
+        with pytest.raises(expected) as err:
+            table.save(path, overwrite=overwrite)
+        assert str(path) in str(err.value)
+        if overwrite and kind != "folder":
+            assert "not an xtok_kd vocabulary table" in str(err.value) and "never replaced" in str(err.value)
+    if before is None:
+        assert (path / "keep.txt").read_text() == "data"
+    else:
+        assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_save_creates_a_missing_folder_and_refuses_a_file_as_folder(table, tmp_path):
+    from xtok_kd.vocab import VocabAlignment
+
+    path = table.save(tmp_path / "a" / "b" / "t.safetensors")
+    assert VocabAlignment.load(path).metadata == table.metadata
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        table.save(tmp_path / "file" / "t.safetensors")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_table_file_problem_reads_the_marker(saved, tmp_path):
+    from xtok_kd.vocab.table import table_file_problem
+
+    assert table_file_problem(saved) is None
+    weights = tmp_path / "w.safetensors"
+    _model_weights(weights)
+    assert "no xtok_kd table marker" in table_file_problem(weights)
+    assert "not a regular file" in table_file_problem(tmp_path)
+    assert "not an xtok_kd vocabulary table" in table_file_problem(tmp_path)
+    assert "cannot be examined" in table_file_problem(tmp_path / "missing")
+    (tmp_path / "huge").write_bytes(b"\xff" * 8 + b"{}")  # header length far beyond the file
+    assert "not a safetensors file" in table_file_problem(tmp_path / "huge")

@@ -1,4 +1,7 @@
-"""``xtok-kd align TEACHER STUDENT -o PATH``: build a vocabulary table and save it."""
+"""``xtok-kd align TEACHER STUDENT -o PATH [--force]``: build a vocabulary table and save it.
+
+Every option is checked before the tokenizers are loaded; an existing ``PATH`` is replaced only with ``--force`` and
+only when it is an xtok_kd table."""
 
 from __future__ import annotations
 
@@ -6,29 +9,53 @@ import argparse
 import os
 import time
 
-from . import CliError, open_tokenizer
+from . import check_int, fail_if_any, open_tokenizer, tokenizer_problem
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("align", help="build a vocabulary table for a teacher/student pair and save it",
                        description="Build the exact / projection / neighbour / special-token table of two "
                                    "tokenizers and save it as .safetensors with both fingerprints.")
-    p.add_argument("teacher", help="teacher tokenizer: folder with tokenizer.json, or hub id")
-    p.add_argument("student", help="student tokenizer: folder with tokenizer.json, or hub id")
-    p.add_argument("-o", "--output", required=True, help="where to write the table (.safetensors)")
-    p.add_argument("--neighbours", type=int, default=4, help="edit-distance neighbours per unmatched token (4)")
-    p.add_argument("--window", type=int, default=8, help="neighbour-search window per sort order (8)")
+    p.add_argument("teacher", help="teacher tokenizer: folder with tokenizer.json, hub id, or an embedded name "
+                                   "(qwen2.5, mistral, gpt2)")
+    p.add_argument("student", help="student tokenizer: folder with tokenizer.json, hub id, or an embedded name")
+    p.add_argument("-o", "--output", required=True,
+                   help="where to write the table (.safetensors); an existing file is refused unless --force")
+    p.add_argument("--neighbours", type=int, default=4,
+                   help="edit-distance neighbours per unmatched token, 0 to 256 (4)")
+    p.add_argument("--window", type=int, default=8, help="neighbour-search window per sort order, 1 to 4096 (8)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing table at --output (a file that is not an xtok_kd table is never replaced)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+MAX_NEIGHBOURS = 256
+MAX_WINDOW = 4096
+
+
+def check(args: argparse.Namespace) -> list[str]:
+    """Every problem with the options, found without loading a tokenizer or building anything."""
+    from ..vocab.table import check_save_target
+
+    problems = [p for p in (tokenizer_problem(args.teacher, role="teacher"),
+                            tokenizer_problem(args.student, role="student")) if p]
+    output = args.output
+    if output and "\0" not in output and not os.path.isdir(output) and not output.endswith(".safetensors"):
+        problems.append(f"--output {output!r} should end in .safetensors (e.g. pair.safetensors)")
+    else:
+        try:
+            check_save_target(output, overwrite=args.force, force_hint="--force", create_folder=False)
+        except (OSError, ValueError) as err:
+            problems.append(f"--output: {err}")
+    problems += [p for p in (check_int("--neighbours", args.neighbours, low=0, high=MAX_NEIGHBOURS),
+                             check_int("--window", args.window, low=1, high=MAX_WINDOW)) if p]
+    return problems
 
 
 def run(args: argparse.Namespace) -> int:
     from ..vocab import VocabAlignment
 
-    if not args.output.endswith(".safetensors"):
-        raise CliError(f"--output {args.output!r} should end in .safetensors")
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise CliError(f"--output {args.output!r}: {folder!r} is not a folder")
+    fail_if_any(check(args))
     start = time.perf_counter()
     teacher = open_tokenizer(args.teacher, role="teacher")
     student = open_tokenizer(args.student, role="student")
@@ -36,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     table = VocabAlignment.build(teacher, student, neighbours=args.neighbours, window=args.window,
                                  command=args.command_line, progress=not args.no_progress)
     built = time.perf_counter()
-    table.save(args.output)
+    table.save(args.output, overwrite=args.force)
     st = table.stats
     print(f"table: {args.output} ({os.path.getsize(args.output) / 1e6:.1f} MB)")
     print(f"teacher: {table.teacher_name} [{table.teacher_fingerprint}] {table.teacher_vocab_size:,} ids")

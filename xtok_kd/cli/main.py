@@ -35,9 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return int(_COMMANDS[args.command].run(args))
-    except (CliError, FileNotFoundError, ValueError, ImportError) as err:
+    except (CliError, OSError, ValueError, ImportError) as err:
+        # user errors: bad options, files that cannot be read or written, tables that do not fit; no traceback
         print(f"xtok-kd {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"xtok-kd {args.command}: interrupted (no partial file is left behind)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

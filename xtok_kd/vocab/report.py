@@ -1,17 +1,27 @@
-"""What two vocabularies share: the report behind ``xtok-kd inspect``, as a dict, as text, and as a PNG."""
+"""What two vocabularies share: the report behind ``xtok-kd inspect``, as a dict, as text, and as a picture
+(PNG, PDF or SVG)."""
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from typing import Any
 
 import numpy as np
 
 from ..tokenizer import TokenizerView
+from .files import name_problem, probe_writable, write_atomically
 from .fuzzy import token_strings
 from .table import VocabAlignment
 
-__all__ = ["CATEGORIES", "vocabulary_report", "format_report", "plot_report"]
+__all__ = ["CATEGORIES", "PLOT_FORMATS", "check_plot_target", "plot_format", "vocabulary_report", "format_report",
+           "plot_report"]
+
+PLOT_FORMATS = ("png", "pdf", "svg")
+_PLOT_MARK = "xtok_kd inspect"  # written into every plot's metadata; an existing plot is replaced only with it
+_PLOT_META_KEY = {"png": "Software", "pdf": "Creator", "svg": "Creator"}
+_MAX_PLOT_BYTES = 64 << 20
 
 CATEGORIES: dict[str, re.Pattern[str]] = {
     "multi-digit numbers": re.compile(r"\s?[0-9]{2,}"),
@@ -223,20 +233,107 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: dict[str, Any], path: str) -> str:
-    """Write a six-panel PNG of the report to ``path`` (matplotlib, imported here); returns the path."""
-    try:
-        import matplotlib
+def plot_format(path: str) -> str:
+    """The picture format of ``path`` from its extension (``png``, ``pdf`` or ``svg``); ``ValueError`` otherwise."""
+    ext = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if ext not in PLOT_FORMATS:
+        raise ValueError(f"{os.fspath(path)!r} should end in .png, .pdf or .svg (the plot's format comes from the "
+                         "extension)")
+    return ext
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def _figure_class() -> Any:
+    """matplotlib's ``Figure`` (drawn without pyplot, so the caller's backend and figures are left alone)."""
+    try:
+        from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError("--plot needs matplotlib: pip install 'xtok_kd[plot]'") from err
+        raise ImportError(f"plots need matplotlib, a dependency of xtok_kd that is missing here ({err}); "
+                          "install it: pip install 'matplotlib>=3.7'") from err
+    return Figure
+
+
+def _is_our_plot(path: str, info: os.stat_result) -> bool:
+    if info.st_size > _MAX_PLOT_BYTES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return _PLOT_MARK.encode() in f.read(_MAX_PLOT_BYTES)
+    except OSError:
+        return False
+
+
+def check_plot_target(path: str, *, create_folder: bool = False) -> str:
+    """Raise unless a plot may be written at ``path``; returns its format.
+
+    The extension must be ``.png``, ``.pdf`` or ``.svg`` and a format the installed matplotlib writes; ``path``
+    must not be a folder; its folder must exist (or ``create_folder``) and be writable; an existing file is
+    replaced only when it is a plot this module wrote (its metadata names ``xtok_kd inspect``), so no other file
+    is ever lost.
+    """
+    path = os.fspath(path)
+    if not path:
+        raise ValueError("the plot path is empty; pass a file path ending in .png, .pdf or .svg")
+    if "\0" in path:
+        raise ValueError(f"{path!r} contains a NUL character; pass a valid file path")
+    fmt = plot_format(path)
+    _figure_class()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f"{path!r}: this matplotlib cannot write .{fmt}; use one of "
+                         f"{sorted(set(PLOT_FORMATS) & set(supported))}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder; pass a file path such as "
+                                f"{os.path.join(path, 'overlap.' + fmt)!r}")
+    problem = name_problem(path)
+    if problem is not None:
+        raise ValueError(f"cannot write {path!r}: {problem}")
+    if os.path.lexists(path):
+        try:
+            info = os.stat(path)
+        except OSError as err:
+            raise FileExistsError(f"{path!r} exists and cannot be examined ({err.strerror or err}); "
+                                  "choose another path") from None
+        if not stat.S_ISREG(info.st_mode) or not _is_our_plot(path, info):
+            raise FileExistsError(f"{path!r} exists and is not a plot written by xtok-kd inspect; it is never "
+                                  "replaced: choose another path or remove it first")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        if os.path.lexists(folder):
+            raise NotADirectoryError(f"cannot write {path!r}: {folder!r} is not a folder; choose another path")
+        if create_folder:
+            return fmt
+        raise FileNotFoundError(f"cannot write {path!r}: the folder {folder!r} does not exist; create it "
+                                f"(mkdir -p {folder}) or choose another path")
+    try:
+        probe_writable(folder)
+    except OSError as err:
+        raise PermissionError(f"cannot write {path!r}: no file can be created in {folder!r} "
+                              f"({err.strerror or err}); choose a writable folder") from None
+    return fmt
+
+
+def plot_report(report: dict[str, Any], path: str) -> str:
+    """Write a six-panel picture of the report to ``path``; returns the path.
+
+    The format comes from the extension: ``.png``, ``.pdf`` or ``.svg``. The file is written atomically (a temp
+    file renamed into place, removed on failure); an existing file is replaced only when it is a plot written here
+    before (see :func:`check_plot_target`); a missing folder is created.
+
+    Raises:
+        ValueError: another extension.
+        FileExistsError, IsADirectoryError, PermissionError, OSError: ``path`` cannot or may not be written.
+    """
+    path = os.fspath(path)
+    fmt = check_plot_target(path, create_folder=True)
+    figure = _figure_class()
 
     colours = {"teacher": "#1f77b4", "student": "#ff7f0e"}
     tname, sname = _short(report["teacher"]["name"]), _short(report["student"]["name"])
     label = {"teacher": f"teacher {tname}", "student": f"student {sname}"}
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    fig = figure(figsize=(17, 9.5))
+    axes = fig.subplots(2, 3)
     fig.suptitle(f"Vocabulary alignment: {tname} (teacher) -> {sname} (student)", fontsize=15, weight="bold")
 
     ax = axes[0, 0]
@@ -297,8 +394,10 @@ def plot_report(report: dict[str, Any], path: str) -> str:
         ax.set_ylabel("share of chunks")
         ax.set_title(f"Chunk sizes on the text: {tx['one_to_one_share']:.2%} of chunks are 1:1")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=110,
+                                                   metadata={_PLOT_META_KEY[fmt]: _PLOT_MARK}),
+                     replace=True, check_target=lambda: check_plot_target(path))
     return path
 
 

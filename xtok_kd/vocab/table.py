@@ -13,14 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from typing import Any, Literal
 
 import numpy as np
 
 from ..tokenizer import TokenizerView, load_tokenizer
+from .files import name_problem, probe_writable, write_atomically
 
-__all__ = ["VocabAlignment", "FORMAT_VERSION"]
+__all__ = ["VocabAlignment", "FORMAT_VERSION", "check_save_target", "table_file_problem"]
 
 FORMAT_VERSION = 1
 _FORMAT = "xtok_kd.vocab_alignment"
@@ -122,9 +124,7 @@ class VocabAlignment:
             command: the command line to record in the metadata (the CLI passes its own).
             progress: show a tqdm bar over the build stages.
         """
-        for key, value, low in (("neighbours", neighbours, 0), ("window", window, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+        check_build_options(neighbours=neighbours, window=window)
         from .build import build_arrays
         from .. import __version__
 
@@ -198,20 +198,32 @@ class VocabAlignment:
                 )
 
     # ------------------------------------------------------------------ save / load
-    def save(self, path: str | os.PathLike[str]) -> str:
-        """Write the table to ``path`` (``.safetensors``) atomically; returns the path."""
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> str:
+        """Write the table to ``path`` (``.safetensors``) atomically; returns the path.
+
+        Args:
+            path: the file to write; a missing folder is created.
+            overwrite: replace an existing file at ``path``. Only an xtok_kd vocabulary table is ever replaced: a
+                file of any other kind (model weights, a safetensors file without the xtok_kd marker, a folder)
+                is refused even with ``overwrite=True``.
+
+        Raises:
+            FileExistsError: ``path`` exists and ``overwrite`` is False, or it is not an xtok_kd table.
+            ValueError: ``path`` is empty, holds a NUL character, or its file name is too long.
+            IsADirectoryError, NotADirectoryError, PermissionError, OSError: ``path`` cannot be written; nothing is
+                left behind (the content goes to a temp file in the same folder, removed on any failure).
+        """
         from safetensors.numpy import save_file
 
         path = os.fspath(path)
+        check_save_target(path, overwrite=overwrite)
         arrays = _to_file_arrays(self)
         meta = json.dumps(self.metadata, sort_keys=True)
         # one metadata entry: safetensors writes several in no fixed order, and files should be reproducible
         header = {_META_KEY: json.dumps({"checksum": _checksum(meta, arrays), "table": meta})}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file(arrays, tmp, metadata=header)
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomically(path, lambda tmp: save_file(arrays, tmp, metadata=header), replace=overwrite,
+                         check_target=lambda: check_save_target(path, overwrite=True))
         return path
 
     @classmethod
@@ -230,6 +242,13 @@ class VocabAlignment:
 
 
 # ---------------------------------------------------------------------- helpers of this class
+def check_build_options(*, neighbours: Any, window: Any) -> None:
+    """Raise ``ValueError`` unless ``neighbours`` is an int >= 0 and ``window`` an int >= 1."""
+    for key, value, low in (("neighbours", neighbours, 0), ("window", window, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+
+
 def _direction(direction: str) -> str:
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {sorted(_DIRECTIONS)}, got {direction!r}")
@@ -311,6 +330,101 @@ def _checksum(meta: str, arrays: dict[str, np.ndarray]) -> str:
         h.update(name.encode() + b"\0" + a.dtype.str.encode() + struct.pack(f"<{a.ndim}q", *a.shape))
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------- what may be written where
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+_NOT_TABLE = "is not an xtok_kd vocabulary table"
+
+
+def table_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """``None`` when ``path`` is a regular file whose safetensors header carries the xtok_kd table marker (a
+    ``"xtok_kd"`` metadata entry whose table has ``"format": "xtok_kd.vocab_alignment"``), else why it is not.
+
+    Reads the header only; the arrays and checksum are not checked (a damaged table is still a table).
+    """
+    path = os.fspath(path)
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        return f"cannot be examined ({err.strerror or err})"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{_NOT_TABLE} (not a regular file)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{_NOT_TABLE} (not a safetensors file: {info.st_size} bytes)"
+            (length,) = struct.unpack("<Q", head)
+            if length > min(info.st_size - 8, _MAX_HEADER):
+                return f"{_NOT_TABLE} (not a safetensors file: no valid header)"
+            blob = f.read(length)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    try:
+        header = json.loads(blob)
+        marker = header["__metadata__"][_META_KEY]
+        table = json.loads(json.loads(marker)["table"])
+        if table["format"] == _FORMAT:
+            return None
+    except (ValueError, KeyError, TypeError):
+        pass
+    return f"{_NOT_TABLE} (no xtok_kd table marker in its safetensors header)"
+
+
+def check_save_target(path: str, *, overwrite: bool, force_hint: str = "overwrite=True",
+                      create_folder: bool = True) -> None:
+    """Raise unless a table may be written at ``path``: the rule :meth:`VocabAlignment.save` and the CLI share.
+
+    ``path`` must not be a folder; an existing file is replaced only with ``overwrite`` and only when it is an
+    xtok_kd table (:func:`table_file_problem`); its folder must be a writable folder (or missing, when
+    ``create_folder``). ``force_hint`` is how the message names the override (``--force`` for the CLI).
+    """
+    if not path:
+        raise ValueError("the table path is empty; pass a file path ending in .safetensors")
+    if "\0" in path:
+        raise ValueError(f"{path!r} contains a NUL character; pass a valid file path")
+    if os.path.isdir(path):
+        example = os.path.join(path, "pair.safetensors")
+        raise IsADirectoryError(f"{path!r} is a folder; pass a file path such as {example!r}")
+    problem = name_problem(path)
+    if problem is not None:
+        raise ValueError(f"cannot write {path!r}: {problem}")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(
+                f"{path!r} already exists; pass {force_hint} to replace it (only an xtok_kd vocabulary table is "
+                "ever replaced) or choose another path"
+            )
+        problem = table_file_problem(path)
+        if problem is not None:
+            raise FileExistsError(
+                f"{path!r} exists and {problem}; it is never replaced, even with {force_hint}: choose another path"
+            )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        if os.path.lexists(folder) or any(os.path.isfile(p) for p in _parents(folder)):
+            raise NotADirectoryError(f"cannot write {path!r}: a part of {folder!r} is a file, not a folder; "
+                                     "choose another path")
+        if not create_folder:
+            raise FileNotFoundError(f"cannot write {path!r}: the folder {folder!r} does not exist; create it "
+                                    f"(mkdir -p {folder}) or choose another path")
+        return
+    try:
+        probe_writable(folder)
+    except OSError as err:
+        raise PermissionError(f"cannot write {path!r}: no file can be created in {folder!r} "
+                              f"({err.strerror or err}); choose a writable folder") from None
+
+
+def _parents(folder: str) -> list[str]:
+    out = []
+    while True:
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return out
+        out.append(parent)
+        folder = parent
 
 
 # ---------------------------------------------------------------------- reading and validating a file
