@@ -97,16 +97,17 @@ def test_empty_alignment_is_valid():
     assert len(al.rows()) == 0
 
 
-def test_empty_text_raises(qwen):
-    with pytest.raises(ValueError, match="empty text"):
-        qwen.encode("")
+def test_empty_text_gives_no_chunk(qwen, mistral):
+    te, se = qwen.encode(""), mistral.encode("")
+    assert te.ids.tolist() == [] and se.ids.tolist() == [1] and not se.spans.any()
+    assert align_spans(te.spans, se.spans).num_chunks == 0
 
 
-def test_special_tokens_only_raises(qwen, llama):
-    with pytest.raises(ValueError, match="special tokens only"):
-        qwen.encode("<|im_start|><|im_end|>")
-    with pytest.raises(ValueError, match="special tokens only"):
-        llama.encode("<|begin_of_text|>")
+def test_special_tokens_only_gives_no_chunk(qwen, mistral):
+    te, se = qwen.encode("<|im_start|><|im_end|>"), mistral.encode("<s></s>")
+    assert te.special_in_text == 2 and te.uncovered_bytes == 22 and (te.spans[:, 0] == te.spans[:, 1]).all()
+    assert se.special_in_text == 2 and se.uncovered_bytes == 7 and (se.spans[:, 0] == se.spans[:, 1]).all()
+    assert align_spans(te.spans, te.spans).num_chunks == 0 and align_spans(se.spans, se.spans).num_chunks == 0
 
 
 def test_special_token_in_text_is_never_paired(qwen, llama):

@@ -12,6 +12,12 @@ SAMPLE_TEXT = ASSETS / "sample.txt"
 
 
 def embedded_tokenizer(name: str) -> Path | None:
-    """Folder of an embedded tokenizer called ``name`` (``"qwen2.5"``, ``"mistral"``, ``"gpt2"``), else None."""
-    path = ASSETS / "tokenizers" / name
-    return path if name in EMBEDDED_TOKENIZERS and (path / "tokenizer.json").is_file() else None
+    """Folder of the embedded tokenizer called ``name`` (``"qwen2.5"``, ``"mistral"``, ``"gpt2"``; any letter
+    case), else None."""
+    if not isinstance(name, str):
+        return None
+    key = name.strip().lower()
+    if key not in EMBEDDED_TOKENIZERS:
+        return None
+    path = ASSETS / "tokenizers" / key
+    return path if (path / "tokenizer.json").is_file() else None
