@@ -60,11 +60,25 @@ class Alignment:
         chunk_bytes: ``(C, 2)`` ``[start, end)`` byte range of each chunk in its sample's byte coordinates.
         teacher_first / student_first: ``(C,)`` position of each chunk's first token on each side.
         teacher_count / student_count: ``(C,)`` number of tokens of each chunk on each side.
-        covered_bytes: ``(B,)`` bytes covered by at least one side's tokens.
+        covered_bytes: ``(B,)`` bytes of the text from its first to the last byte that either side's tokens
+            cover. From :func:`~xtok_kd.sequence.align_spans`: the range between the first and the last byte
+            either side covers. From the collator: the content bytes of that range only, so the separators it
+            puts between chat messages, and messages both templates drop, are not counted.
         unaligned_bytes: ``(B,)`` of those, bytes in no chunk (one side truncated, a normaliser dropped text,
-            a straddling token at a truncation point). Reported, never silently paired.
+            a straddling token at a truncation point or a template seam, a message only one side's template
+            renders). Reported, never silently paired.
         chunk_loss_mask: ``(C,)`` bool, chunks that count towards the loss (all True unless a collator masks
             prompt content).
+        truncated_bytes: ``(B,)`` content bytes past the last byte either side kept: lost to truncation on both
+            sides, so in neither ``covered_bytes`` nor any chunk (an example truncated to nothing has all its
+            content here). ``None`` (unknown) from :func:`~xtok_kd.sequence.align_spans`, which does not know
+            the text; the collator sets it.
+        teacher_fingerprint / student_fingerprint: :attr:`~xtok_kd.TokenizerView.fingerprint` of the tokenizers
+            that produced the spans, when known (the collator sets them; ``align_spans`` cannot). A loss can
+            refuse an alignment whose fingerprints differ from its vocabulary table's. ``None`` = unknown.
+
+    ``aligned_share = sum(covered_bytes - unaligned_bytes) / sum(covered_bytes)``: 1.0 for two complete
+    tokenizations of the same content.
     """
 
     teacher_chunk: np.ndarray
@@ -78,6 +92,9 @@ class Alignment:
     covered_bytes: np.ndarray
     unaligned_bytes: np.ndarray
     chunk_loss_mask: np.ndarray = field(default=None)  # type: ignore[assignment]
+    truncated_bytes: np.ndarray | None = None
+    teacher_fingerprint: str | None = None
+    student_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_loss_mask is None:
@@ -108,9 +125,10 @@ class Alignment:
 
     @property
     def aligned_share(self) -> float:
-        """Share of covered bytes that lie in a chunk (1.0 for two complete tokenizations of one text)."""
+        """Share of covered bytes that lie in a chunk: ``sum(covered - unaligned) / sum(covered)`` (1.0 for two
+        complete tokenizations of one text; 0.0 when nothing is covered)."""
         total = int(self.covered_bytes.sum())
-        return self.aligned_bytes / total if total else 0.0
+        return int(total - self.unaligned_bytes.sum()) / total if total else 0.0
 
     @property
     def one_to_one_share(self) -> float:
@@ -162,12 +180,14 @@ class Alignment:
         return range(tf, tf + tc), range(sf, sf + sc)
 
     def summary(self) -> dict[str, float]:
-        """Plain-number metrics: chunks, dropped chunks, aligned share of bytes, 1:1 share, mean chunk sizes."""
+        """Plain-number metrics: chunks, dropped chunks, aligned share of bytes, unaligned and truncated bytes,
+        1:1 share, mean chunk sizes."""
         return {
             "chunks": float(self.num_chunks),
             "dropped_chunks": float(self.dropped_chunks),
             "aligned_share": self.aligned_share,
             "unaligned_bytes": float(self.unaligned_bytes.sum()),
+            "truncated_bytes": float(self.truncated_bytes.sum()) if self.truncated_bytes is not None else 0.0,
             "one_to_one_share": self.one_to_one_share,
             "mean_teacher_tokens_per_chunk": float(self.teacher_count.mean()) if self.num_chunks else 0.0,
             "mean_student_tokens_per_chunk": float(self.student_count.mean()) if self.num_chunks else 0.0,

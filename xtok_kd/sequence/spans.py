@@ -5,17 +5,19 @@ both sides have a token boundary. Each side marks its boundaries in a boolean ar
 side looks its own token starts up in it, and a running count of the hits numbers the chunks. Every step is a
 linear vectorised pass (no Python loop over tokens or samples): O(n + m + bytes). Inputs whose spans simply tile
 the text take the leaner paths in :mod:`.tiled`; this module's general path handles the rest (gaps, truncation
-inside a token, empty samples).
+inside a token, empty samples). Where byte offsets are far larger than the token count (a span ending at byte
+10**12), the spans are first replaced by the ranks of their distinct offsets, so memory stays O(tokens).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple, Sequence, Union
 
 import numpy as np
 
 from .alignment import Alignment
-from .tiled import align_one_tiled, align_tiled_batch
+from .tiled import _too_sparse, align_one_tiled, align_tiled_batch
 
 __all__ = ["align_spans", "pad_spans"]
 
@@ -31,11 +33,53 @@ class _Side(NamedTuple):
     marks: np.ndarray  # (total,) bool, True at every boundary byte
 
 
+def _as_offsets(x: object, name: str) -> np.ndarray:
+    """``x`` (array-like or torch tensor) as an int64 array of byte offsets, refusing anything not integral:
+    floats are accepted only when every value is a finite whole number (then cast), never truncated."""
+    if type(x) is np.ndarray and x.dtype == np.int64:  # the usual input: nothing to check or convert
+        return x
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor (maybe on an accelerator)
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    kind = arr.dtype.kind
+    if kind == "i":
+        return arr.astype(np.int64, copy=False)
+    fix = ("spans are [start, end) byte offsets and must be integers (Encoding.spans from TokenizerView.encode "
+           "are int64); pass an integer array (np.int64 / torch.long)")
+    if kind == "u":
+        if arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            at = ", ".join(str(int(i)) for i in np.unravel_index(int(arr.argmax()), arr.shape))
+            raise ValueError(f"{name}[{at}] = {int(arr.max())} does not fit int64; {fix}")
+        return arr.astype(np.int64)
+    if kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(arr) | (arr != np.round(arr)) | (np.abs(arr) >= 2.0**62)
+        if bad.any():
+            flat = int(np.flatnonzero(bad.ravel())[0])
+            at = ", ".join(str(int(i)) for i in np.unravel_index(flat, arr.shape))
+            value = float(arr.ravel()[flat])
+            what = "NaN" if np.isnan(value) else "infinite" if np.isinf(value) else (
+                "fractional" if value != round(value) else "out of range")
+            raise ValueError(
+                f"{name}[{at}] = {value!r} is {what}, not a byte offset ({int(bad.sum())} such value(s) in "
+                f"{name}, dtype {arr.dtype}); {fix}. Whole-number floats are accepted; nothing is rounded or "
+                "truncated silently"
+            )
+        return arr.astype(np.int64)
+    raise ValueError(f"{name} has dtype {arr.dtype} ({type(x).__name__}); {fix}")
+
+
 def pad_spans(spans: SpansLike, *, name: str = "spans") -> np.ndarray:
     """``(B, L, 2)`` int64 spans from a ``(B, L, 2)`` or ``(L, 2)`` array or a list of ``(n_b, 2)`` arrays
-    (or Encodings). Padding positions get an empty span at the sample's last byte."""
+    (or Encodings); numpy arrays, torch tensors or nested lists. Padding positions get an empty span at the
+    sample's last byte.
+
+    Raises:
+        ValueError: for a wrong shape, or offsets that are not integers (fractional, NaN or infinite floats,
+            non-numeric values), naming the first offending position and value.
+    """
     if not isinstance(spans, (list, tuple)):
-        arr = np.asarray(spans, dtype=np.int64)
+        arr = _as_offsets(spans, name)
         if arr.ndim == 2 and arr.shape[-1] == 2:
             return arr[None]
         if arr.ndim == 3 and arr.shape[-1] == 2:
@@ -43,7 +87,7 @@ def pad_spans(spans: SpansLike, *, name: str = "spans") -> np.ndarray:
         raise ValueError(f"{name} must have shape (L, 2) or (B, L, 2), got {arr.shape}")
     arrays = []
     for i, s in enumerate(spans):
-        a = np.asarray(getattr(s, "spans", s), dtype=np.int64)
+        a = _as_offsets(getattr(s, "spans", s), f"{name}[{i}]")
         if a.size == 0:
             a = a.reshape(0, 2)
         if a.ndim != 2 or a.shape[1] != 2:
@@ -72,7 +116,13 @@ def align_spans(teacher_spans: SpansLike, student_spans: SpansLike) -> Alignment
     Where one side covers fewer bytes (truncation), chunks stop at the last common boundary inside both covered
     ranges; the remaining bytes are counted in ``unaligned_bytes``. Where one side skips bytes inside its range
     (a normaliser dropped characters), the chunk around the gap is removed and its bytes counted likewise.
-    Cost: O(n + m + bytes) vectorised numpy work.
+    Cost: O(n + m + bytes) vectorised numpy work; O((n + m) log(n + m)) and O(n + m) memory when the offsets are
+    much larger than the token count.
+
+    Raises:
+        ValueError: spans that are not integer byte offsets (fractional, NaN or infinite floats; whole-number
+            floats are accepted), negative, overlapping or reversed spans, or a batch size mismatch; the message
+            names the offending position and value.
     """
     t = pad_spans(teacher_spans, name="teacher_spans")
     s = pad_spans(student_spans, name="student_spans")
@@ -85,8 +135,9 @@ def align_spans(teacher_spans: SpansLike, student_spans: SpansLike) -> Alignment
     return simple if simple is not None else _align_batch(t, s)
 
 
-def _align_batch(t: np.ndarray, s: np.ndarray) -> Alignment:
-    """The general path: padded ``(B, L, 2)`` spans, gaps, truncation, empty samples."""
+def _align_batch(t: np.ndarray, s: np.ndarray, shown: tuple[np.ndarray, np.ndarray] | None = None) -> Alignment:
+    """The general path: padded ``(B, L, 2)`` spans, gaps, truncation, empty samples. ``shown``: the original
+    spans when ``t``/``s`` are their compressed ranks (error messages quote the original values)."""
     batch, lt, ls = t.shape[0], t.shape[1], s.shape[1]
 
     # Lay the samples end to end with a one-byte gap, so one pass handles the whole batch.
@@ -94,12 +145,14 @@ def _align_batch(t: np.ndarray, s: np.ndarray) -> Alignment:
     for spans in (t, s):
         if spans.shape[1]:
             np.maximum(extent, spans[..., 1].max(axis=1), out=extent)
+    if shown is None and _too_sparse(float(extent.sum(dtype=np.float64)) + batch, batch * (lt + ls)):
+        return _align_compressed(t, s)
     base = np.zeros(batch, dtype=np.int64)
     np.cumsum(extent[:-1] + 1, out=base[1:])
     total = int(base[-1] + extent[-1]) + 1 if batch else 1
 
-    ts = _side(t, "teacher_spans", base, total)
-    ss = _side(s, "student_spans", base, total)
+    ts = _side(t, "teacher_spans", base, total, None if shown is None else shown[0])
+    ss = _side(s, "student_spans", base, total, None if shown is None else shown[1])
     t_rank, common = _ranks(ts, ss.marks)
     s_rank, _ = _ranks(ss, ts.marks, want_common=False)
 
@@ -153,14 +206,18 @@ def _align_batch(t: np.ndarray, s: np.ndarray) -> Alignment:
     )
 
 
-def _side(spans: np.ndarray, name: str, base: np.ndarray, total: int) -> _Side:
+def _side(spans: np.ndarray, name: str, base: np.ndarray, total: int, shown: np.ndarray | None = None) -> _Side:
     """Content tokens of one side in global byte coordinates, validated, with boundary marks per byte."""
     batch, length = spans.shape[0], spans.shape[1]
     starts, ends = spans[..., 0].ravel(), spans[..., 1].ravel()
+    if shown is not None:  # compressed ranks: validate against the original offsets, quote those
+        starts_shown, ends_shown = shown[..., 0].ravel(), shown[..., 1].ravel()
+    else:
+        starts_shown, ends_shown = starts, ends
     width = ends - starts
     if (width < 0).any():
         i = int(np.flatnonzero(width < 0)[0])
-        raise ValueError(f"{name}[{divmod(i, length)}] = [{starts[i]}, {ends[i]}] has end < start")
+        raise ValueError(f"{name}[{divmod(i, length)}] = [{starts_shown[i]}, {ends_shown[i]}] has end < start")
     content = width > 0
     pos = np.flatnonzero(content)
     if pos.shape[0] and pos[-1] - pos[0] + 1 == pos.shape[0]:  # one run (the usual case): slice, don't gather
@@ -172,14 +229,18 @@ def _side(spans: np.ndarray, name: str, base: np.ndarray, total: int) -> _Side:
         shift = np.repeat(base, per_sample)
         g_start += shift
         g_end += shift
-    if g_start.shape[0] and g_start[0] < 0:
+    if shown is not None:
+        negative = (starts_shown < 0) & content
+        if negative.any():
+            raise ValueError(f"{name} has a negative byte offset ({starts_shown[negative][0]})")
+    elif g_start.shape[0] and g_start[0] < 0:
         raise ValueError(f"{name} has a negative byte offset ({g_start[0]})")
     step = g_start[1:] - g_end[:-1]
     if (step < 0).any():
         i = int(pos[1:][step < 0][0])
         raise ValueError(
-            f"{name}[{divmod(i, length)}] = [{starts[i]}, {ends[i]}] overlaps an earlier token; spans must be "
-            "disjoint and increasing (spans from TokenizerView.encode always are)"
+            f"{name}[{divmod(i, length)}] = [{starts_shown[i]}, {ends_shown[i]}] overlaps an earlier token; spans "
+            "must be disjoint and increasing (spans from TokenizerView.encode always are)"
         )
     gaps = np.flatnonzero(step != 0)
     if g_end.shape[0]:
@@ -248,3 +309,35 @@ def _sample_extent(sd: _Side, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     lo = np.where(has, sd.g_start[np.minimum(open_, sd.g_start.shape[0] - 1)], base)
     hi = np.where(has, sd.g_end[np.maximum(close - 1, 0)], base)
     return lo, hi
+
+
+def _align_compressed(t: np.ndarray, s: np.ndarray) -> Alignment:
+    """The general path on the ranks of each sample's distinct offsets, for spans whose offsets dwarf the token
+    count. Ranks keep every equality and order between offsets, so chunks and token membership are the same;
+    chunk byte ranges and byte counts are mapped back to the original offsets. Memory: O(B * (Lt + Ls))."""
+    batch, wt = t.shape[0], 2 * t.shape[1]
+    values = np.concatenate([t.reshape(batch, -1), s.reshape(batch, -1)], axis=1)
+    order = np.argsort(values, axis=1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=1)
+    new = np.ones(ordered.shape, dtype=bool)
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ranked = np.cumsum(new, axis=1) - 1
+    ranks = np.empty_like(values)
+    np.put_along_axis(ranks, order, ranked, axis=1)
+    value_of = np.zeros(values.shape, dtype=np.int64)  # value_of[b, rank]
+    value_of[np.nonzero(new)[0], ranked[new]] = ordered[new]
+    al = _align_batch(ranks[:, :wt].reshape(t.shape), ranks[:, wt:].reshape(s.shape), shown=(t, s))
+
+    chunk_bytes = value_of[al.chunk_sample[:, None], al.chunk_bytes]
+    # Covered: from the first to the last byte either side covers (a side without content does not stretch it).
+    lo = np.full(batch, np.iinfo(np.int64).max, dtype=np.int64)
+    hi = np.full(batch, np.iinfo(np.int64).min, dtype=np.int64)
+    for spans in (t, s):
+        content = spans[..., 1] > spans[..., 0]
+        if spans.shape[1]:
+            np.minimum(lo, np.where(content, spans[..., 0], lo[:, None]).min(axis=1), out=lo)
+            np.maximum(hi, np.where(content, spans[..., 1], hi[:, None]).max(axis=1), out=hi)
+    covered = np.where(hi > lo, hi - lo, 0).astype(np.int64)
+    aligned = np.zeros(batch, dtype=np.int64)
+    np.add.at(aligned, al.chunk_sample, chunk_bytes[:, 1] - chunk_bytes[:, 0])
+    return replace(al, chunk_bytes=chunk_bytes, covered_bytes=covered, unaligned_bytes=covered - aligned)

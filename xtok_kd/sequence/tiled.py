@@ -15,6 +15,17 @@ from .alignment import Alignment
 
 __all__ = ["align_one_tiled", "align_tiled_batch"]
 
+# Boundary marks are one bool per byte. Up to this many bytes, or 8 per token, that is cheap; beyond it (byte
+# offsets far larger than the token count: 10**12) the general path of :mod:`.spans` first compresses the spans
+# to the ranks of their offsets, so memory is bounded by the tokens, never by the largest offset.
+_DENSE_BYTES = 1 << 16
+_BYTES_PER_TOKEN = 8
+
+
+def _too_sparse(total_bytes: float, tokens: int) -> bool:
+    """True when boolean marks over ``total_bytes`` would be out of proportion to ``tokens``."""
+    return total_bytes > _DENSE_BYTES and total_bytes > _BYTES_PER_TOKEN * tokens
+
 
 def _run(spans: np.ndarray) -> tuple[int, int] | None:
     """``(first, stop)`` when the content tokens of one sample are one run of positions whose spans tile a byte
@@ -44,6 +55,8 @@ def align_one_tiled(t: np.ndarray, s: np.ndarray) -> Alignment | None:
     s_end = s[s_run[0]: s_run[1], 1]
     lo = int(t[t_run[0], 0])
     total = int(max(t_end[-1], s_end[-1])) + 1
+    if _too_sparse(total, t.shape[0] + s.shape[0]):
+        return None  # offsets far beyond the token count: the general path compresses them
     t_marks = np.zeros(total, dtype=bool)
     s_marks = np.zeros(total, dtype=bool)
     t_marks[t_end] = True
@@ -110,6 +123,8 @@ def align_tiled_batch(t: np.ndarray, s: np.ndarray) -> Alignment | None:
     t_hi = t_ends[np.arange(batch), t_first + t_count - 1]
     s_hi = s_ends[np.arange(batch), s_first + s_count - 1]
     extent = np.maximum(t_hi, s_hi)
+    if _too_sparse(float(extent.sum(dtype=np.float64)) + batch, batch * (t.shape[1] + s.shape[1])):
+        return None  # offsets far beyond the token count: the general path compresses them
     base = np.zeros(batch, dtype=np.int64)
     np.cumsum(extent[:-1] + 1, out=base[1:])
     total = int(base[-1] + extent[-1]) + 1
