@@ -87,7 +87,7 @@ def test_inspect_builds_into_cache(tmp_path, monkeypatch, capsys):
         (["inspect", "{gpt2}", "{gpt2}", "--plot", "{tmp}/x.jpg"], "should end in .png"),
         (["align", "{gpt2}", "{gpt2}", "-o", "{tmp}"], "is a folder"),
         (["align", "{gpt2}", "{gpt2}", "-o", "{tmp}/no/such/folder/t.safetensors"], "does not exist"),
-        (["align", "{gpt2}", "{gpt2}/tokenizer.json", "-o", "{tmp}/t.safetensors"], "is a file"),
+        (["align", "{gpt2}", "{gpt2}/tokenizer_config.json", "-o", "{tmp}/t.safetensors"], "is a file"),
         (["inspect", "{gpt2}", "{gpt2}", "--plot", "{tmp}/no/such/folder/x.png"], "does not exist"),
         (["inspect", "{gpt2}", "{gpt2}", "--text", "{tmp}"], "not a regular file"),
     ],

@@ -48,6 +48,8 @@ def tokenizer_problem(value: str, *, role: str) -> str | None:
     if "\0" in value:
         return f"{role} tokenizer {value!r} contains a NUL character; pass a folder, a hub id or an embedded name"
     if os.path.exists(value):
+        if os.path.isfile(value) and os.path.basename(value) == "tokenizer.json":
+            return None
         if not os.path.isdir(value):
             return (f"{role} tokenizer {value!r} is a file; pass the folder that contains tokenizer.json "
                     "(e.g. ../shared/tokenizers/qwen2.5)")
@@ -73,6 +75,8 @@ def open_tokenizer(value: str, *, role: str) -> Any:
         raise CliError(problem)
     try:
         return load_tokenizer(value)
+    except ValueError as err:  # load_tokenizer's own message names the value and the fix
+        raise CliError(f"{role} tokenizer: {err}") from None
     except Exception as err:  # a user's file or hub id: any failure to read it is an input problem
         from difflib import get_close_matches
 
