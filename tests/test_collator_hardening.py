@@ -332,14 +332,14 @@ def test_compressed_path_equals_dense_path(pairs, scale):
 
 
 # ---------------------------------------------------------------- 4: fingerprints
-def test_fingerprints_travel_with_alignment_and_batch(qwen, llama):
-    out = CrossTokenizerCollator(qwen, llama, loss_on="assistant")([{"messages": TWO_TURNS}])
+def test_fingerprints_travel_with_alignment_and_batch(qwen, mistral):
+    out = CrossTokenizerCollator(qwen, mistral, loss_on="assistant")([{"messages": TWO_TURNS}])
     al = out["alignment"]
     assert out["teacher_fingerprint"] == al.teacher_fingerprint == qwen.fingerprint
-    assert out["student_fingerprint"] == al.student_fingerprint == llama.fingerprint
-    assert qwen.fingerprint != llama.fingerprint
+    assert out["student_fingerprint"] == al.student_fingerprint == mistral.fingerprint
+    assert qwen.fingerprint != mistral.fingerprint
     kept = al.with_loss_mask(np.ones(al.num_chunks, dtype=bool))
-    assert (kept.teacher_fingerprint, kept.student_fingerprint) == (qwen.fingerprint, llama.fingerprint)
+    assert (kept.teacher_fingerprint, kept.student_fingerprint) == (qwen.fingerprint, mistral.fingerprint)
     bare = align_spans(np.array([[0, 2]]), np.array([[0, 2]]))
     assert bare.teacher_fingerprint is None and bare.student_fingerprint is None
     assert bare.truncated_bytes is None and bare.summary()["truncated_bytes"] == 0.0  # unknown to align_spans

@@ -1,4 +1,4 @@
-"""Built tables of the four shipped pairs: exact counts against a brute force, decompositions spell their tokens."""
+"""Built tables of the shipped pairs and more: exact counts against a brute force, decompositions spell their tokens."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 
 from conftest import tokenizer_path
 
-PAIRS = [("qwen2.5", "llama3.2"), ("qwen2.5", "mistral"), ("llama3.2", "mistral"), ("gpt2", "qwen2.5")]
+PAIRS = [("qwen2.5", "llama3.2"), ("qwen2.5", "mistral"), ("llama3.2", "mistral"), ("gpt2", "qwen2.5"),
+         ("mistral", "gpt2"), ("mistral", "qwen2.5")]
 
 
 @pytest.fixture(scope="module", params=PAIRS, ids=lambda p: f"{p[0]}->{p[1]}")
