@@ -304,7 +304,7 @@ def test_unit_weight_table_with_unmapped_ids(batch, direction):
 
 @pytest.mark.parametrize("mapping, side, value", [("projection", "teacher", float("inf")),
                                                   ("uld", "student", float("nan")),
-                                                  ("projection", "teacher", float("-inf")),
+                                                  ("projection", "student", float("inf")),
                                                   ("hybrid", "teacher", float("nan"))])
 def test_non_finite_logits_raise_with_position(batch, mapping, side, value):
     rows = batch["alignment"].rows(only_loss=True)
@@ -321,7 +321,8 @@ def test_non_finite_logits_raise_with_position(batch, mapping, side, value):
 
 
 def test_minus_inf_is_probability_zero_where_defined(batch):
-    """-inf (a ruled-out token) is probability 0: the sorted L1 is defined and finite."""
+    """-inf (a ruled-out token) is probability 0: the sorted L1 is defined and finite (every divergence and mapping:
+    tests/test_losses_hardening.py)."""
     rows = batch["alignment"].rows(only_loss=True)
     s = batch["student"].clone()
     s[int(rows.sample[2]), int(rows.student_row[2]), 4] = float("-inf")

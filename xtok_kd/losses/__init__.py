@@ -19,7 +19,7 @@ from .divergences import (
     token_kd_loss,
     tvd,
 )
-from .module import CrossTokenizerKDLoss, KDLossOutput, TeacherTopK
+from .module import CrossTokenizerKDLoss, KDLossOutput, TeacherTopK, max_padding
 from .uld import sorted_l1, sorted_l1_topk
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "divergence",
     "fkl",
     "jsd",
+    "max_padding",
     "reduce_rows",
     "rkl",
     "skl",

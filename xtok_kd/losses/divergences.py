@@ -4,10 +4,17 @@ Every function here takes ``(teacher_logp, student_logp, *, knobs...)``: two ``(
 log-probabilities over the same ``V`` columns, and returns ``(N,)`` per-row values. Write ``p = exp(teacher_logp)``
 (teacher) and ``q = exp(student_logp)`` (student). They are swappable: :func:`divergence` dispatches on a name.
 
-Support: a column outside a distribution's support carries a *finite* floor log-probability (:data:`LOG_FLOOR`,
-``exp`` of it is exactly 0 in fp32 and fp64), never ``-inf``, so ``0 * log 0`` terms are 0 and their gradients are 0
-rather than NaN. Rows need not sum to 1 (GOLD's merged chunk distributions do not); the formulas are applied as
-written. Inputs are used in their own dtype: the loss engine hands fp32 (fp64 for fp64 logits).
+Zeros: a log-probability of ``-inf`` (a ruled-out token, e.g. a banned token's ``-inf`` logit) is probability 0,
+accepted on either side, and ``0 * log 0 = 0``: no NaN in values or gradients. Columns outside a support may also
+carry the finite floor :data:`LOG_FLOOR` (``exp`` of it is exactly 0 in fp32 and fp64). Where the mathematics is
+infinite the value is ``+inf``: forward KL where ``q = 0 < p``, reverse KL where ``p = 0 < q``, hence symmetric KL,
+and AKL when the infinite side has a positive weight. Such a row's infinite terms are constants: they contribute
+nothing to the gradient, which stays finite (the loss engine gives an infinite chunk no gradient at all). JSD, TVD
+and skew KL / skew reverse KL with ``alpha > 0`` are always finite. The common all-finite case takes one fused kernel;
+rows with zeros are recomputed on a masked path only when the fast value is not finite. NaN inputs give NaN.
+
+Rows need not sum to 1 (GOLD's merged chunk distributions do not); the formulas are applied as written. Inputs are
+used in their own dtype: the loss engine hands fp32 (fp64 for fp64 logits).
 
 Which to choose: forward KL is mode-covering and the usual KD default; reverse KL is mode-seeking (on-policy
 distillation, MiniLLM); JSD(beta) and TVD are bounded and robust to disjoint supports; skew KL / skew reverse KL
@@ -18,6 +25,7 @@ forward/reverse mix to where the two distributions differ; symmetric KL is forwa
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Literal, get_args
 
 import torch
@@ -27,7 +35,9 @@ __all__ = [
     "DIVERGENCES",
     "LOG_FLOOR",
     "akl",
+    "check_num_items",
     "check_option",
+    "check_temperature",
     "divergence",
     "fkl",
     "jsd",
@@ -54,24 +64,59 @@ def check_option(name: str, value: Any, allowed: Any) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, options))}")
 
 
-def _kl_terms(a_logp: torch.Tensor, b_logp: torch.Tensor) -> torch.Tensor:
-    """Elementwise ``a * (log a - log b)``: zero where ``a`` is 0 (one fused kernel)."""
-    return torch.nn.functional.kl_div(b_logp, a_logp, reduction="none", log_target=True)
+def check_temperature(temperature: Any) -> float:
+    """``temperature`` as a float; ``ValueError`` naming the value unless it is a finite real number > 0."""
+    ok = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+    if ok and math.isfinite(float(temperature)) and float(temperature) > 0:
+        return float(temperature)
+    raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def _kl_terms_safe(a_logp: torch.Tensor, b_logp: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``a * (log a - log b)`` with ``-inf`` entries: 0 where ``a = 0``, ``+inf`` where ``a > 0 = b``.
+
+    Masked before the arithmetic (never ``0 * inf``), so the gradient is finite everywhere; the ``+inf`` entries are
+    constants."""
+    a_zero = a_logp == float("-inf")
+    b_zero = b_logp == float("-inf")
+    terms = a_logp.exp() * (a_logp.masked_fill(a_zero, 0.0) - b_logp.masked_fill(b_zero, 0.0))
+    return terms.masked_fill(a_zero, 0.0).masked_fill(b_zero & ~a_zero, float("inf"))
+
+
+def _kl_rows(a_logp: torch.Tensor, b_logp: torch.Tensor) -> torch.Tensor:
+    """``sum_v a_v (log a_v - log b_v)`` per row: one fused kernel, or the masked form when that is not finite."""
+    out = torch.nn.functional.kl_div(b_logp, a_logp, reduction="none", log_target=True).sum(-1)
+    return out if _finite(out) else _kl_terms_safe(a_logp, b_logp).sum(-1)
+
+
+def _log_mix(a_logp: torch.Tensor, w_a: float, b_logp: torch.Tensor, w_b: float) -> torch.Tensor:
+    """``log(w_a * a + w_b * b)``; a column where both are 0 stays ``-inf`` with a zero (not NaN) gradient."""
+    x, y = a_logp + math.log(w_a), b_logp + math.log(w_b)
+    both = (a_logp == float("-inf")) & (b_logp == float("-inf"))
+    if not bool(both.any()):
+        return torch.logaddexp(x, y)
+    return torch.logaddexp(x.masked_fill(both, 0.0), y.masked_fill(both, 0.0)).masked_fill(both, float("-inf"))
 
 
 def fkl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
-    """Forward KL, ``KL(p || q) = sum_v p_v (log p_v - log q_v)``. ``(N, V), (N, V) -> (N,)``."""
-    return _kl_terms(teacher_logp, student_logp).sum(-1)
+    """Forward KL, ``KL(p || q) = sum_v p_v (log p_v - log q_v)``. ``(N, V), (N, V) -> (N,)``; ``+inf`` where
+    ``q_v = 0 < p_v``."""
+    return _kl_rows(teacher_logp, student_logp)
 
 
 def rkl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
-    """Reverse KL, ``KL(q || p) = sum_v q_v (log q_v - log p_v)``. ``(N, V), (N, V) -> (N,)``."""
-    return _kl_terms(student_logp, teacher_logp).sum(-1)
+    """Reverse KL, ``KL(q || p) = sum_v q_v (log q_v - log p_v)``. ``(N, V), (N, V) -> (N,)``; ``+inf`` where
+    ``p_v = 0 < q_v``."""
+    return _kl_rows(student_logp, teacher_logp)
 
 
 def symmetric_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     """Symmetric KL, ``KL(p || q) + KL(q || p)``. ``(N, V), (N, V) -> (N,)``."""
-    return (_kl_terms(teacher_logp, student_logp) + _kl_terms(student_logp, teacher_logp)).sum(-1)
+    return _kl_rows(teacher_logp, student_logp) + _kl_rows(student_logp, teacher_logp)
 
 
 def jsd(teacher_logp: torch.Tensor, student_logp: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
@@ -89,7 +134,13 @@ def jsd(teacher_logp: torch.Tensor, student_logp: torch.Tensor, *, beta: float =
     if beta == 1.0:
         return rkl(teacher_logp, student_logp)
     mix = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log1p(-beta))
-    return (beta * _kl_terms(teacher_logp, mix) + (1.0 - beta) * _kl_terms(student_logp, mix)).sum(-1)
+    kl = torch.nn.functional.kl_div
+    out = (beta * kl(mix, teacher_logp, reduction="none", log_target=True)
+           + (1.0 - beta) * kl(mix, student_logp, reduction="none", log_target=True)).sum(-1)
+    if _finite(out):
+        return out
+    mix = _log_mix(teacher_logp, beta, student_logp, 1.0 - beta)
+    return (beta * _kl_terms_safe(teacher_logp, mix) + (1.0 - beta) * _kl_terms_safe(student_logp, mix)).sum(-1)
 
 
 def tvd(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
@@ -107,20 +158,26 @@ def skl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, *, alpha: float 
     if alpha == 0.0:
         return fkl(teacher_logp, student_logp)
     mix = torch.logaddexp(teacher_logp + math.log(alpha), student_logp + math.log1p(-alpha))
-    return _kl_terms(teacher_logp, mix).sum(-1)
+    out = torch.nn.functional.kl_div(mix, teacher_logp, reduction="none", log_target=True).sum(-1)
+    if _finite(out):
+        return out
+    return _kl_terms_safe(teacher_logp, _log_mix(teacher_logp, alpha, student_logp, 1.0 - alpha)).sum(-1)
 
 
 def srkl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, *, alpha: float = 0.1) -> torch.Tensor:
     """Skew reverse KL (DistiLLM), ``KL(q || alpha * q + (1 - alpha) * p)``; ``alpha = 0`` is reverse KL.
 
-    ``(N, V), (N, V) -> (N,)``.
+    ``(N, V), (N, V) -> (N,)``. Finite even where ``p`` is 0, for ``alpha > 0``.
     """
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha must lie in [0, 1), got {alpha}")
     if alpha == 0.0:
         return rkl(teacher_logp, student_logp)
     mix = torch.logaddexp(student_logp + math.log(alpha), teacher_logp + math.log1p(-alpha))
-    return _kl_terms(student_logp, mix).sum(-1)
+    out = torch.nn.functional.kl_div(mix, student_logp, reduction="none", log_target=True).sum(-1)
+    if _finite(out):
+        return out
+    return _kl_terms_safe(student_logp, _log_mix(student_logp, alpha, teacher_logp, 1.0 - alpha)).sum(-1)
 
 
 def _head_mask(p: torch.Tensor, mu: float) -> torch.Tensor:
@@ -151,7 +208,8 @@ def akl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, *, mu: float = 0
 
     ``AKL = g_H / (g_H + g_T) * KL(p || q) + g_T / (g_H + g_T) * KL(q || p)``  (0 where ``p == q``).
 
-    The weights are differentiated through, as in the paper's code. ``(N, V), (N, V) -> (N,)``.
+    The weights are differentiated through, as in the paper's code. ``(N, V), (N, V) -> (N,)``; ``+inf`` when a KL
+    side with a positive weight is infinite.
     """
     if not 0.0 < mu <= 1.0:
         raise ValueError(f"mu must lie in (0, 1], got {mu}")
@@ -163,7 +221,15 @@ def akl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, *, mu: float = 0
     denom = g_all.clamp_min(torch.finfo(g_all.dtype).tiny)
     w_head = g_head / denom
     w_tail = (g_all - g_head) / denom
-    return w_head * fkl(teacher_logp, student_logp) + w_tail * rkl(teacher_logp, student_logp)
+    forward, reverse = fkl(teacher_logp, student_logp), rkl(teacher_logp, student_logp)
+    out = w_head * forward + w_tail * reverse
+    if _finite(out):
+        return out
+    # An infinite side: +inf where its weight is positive, else absent (0 * inf is 0 here); no inf * 0 in the
+    # gradient of the weights.
+    inf_f, inf_r = torch.isinf(forward), torch.isinf(reverse)
+    out = w_head * forward.masked_fill(inf_f, 0.0) + w_tail * reverse.masked_fill(inf_r, 0.0)
+    return out.masked_fill((inf_f & (w_head > 0)) | (inf_r & (w_tail > 0)), float("inf"))
 
 
 DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
@@ -212,6 +278,25 @@ def divergence(
     return DIVERGENCES[kind](teacher_logp, student_logp)
 
 
+def check_num_items(num_items_in_batch: Any) -> int | None:
+    """``num_items_in_batch`` as an int (None stays None); ``ValueError`` naming the value unless it is a whole
+    number >= 1: a Python/NumPy number or a one-element tensor (as ``transformers`` passes it)."""
+    if num_items_in_batch is None:
+        return None
+    value: Any = num_items_in_batch
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"num_items_in_batch must be a number or a one-element real tensor, got a {value.dtype} "
+                             f"tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"num_items_in_batch must be a whole number >= 1, got {num_items_in_batch!r}")
+    if not (math.isfinite(float(value)) and float(value) >= 1 and float(value).is_integer()):
+        raise ValueError(f"num_items_in_batch must be a whole number >= 1 (the count of items the summed loss is "
+                         f"divided by), got {num_items_in_batch!r}")
+    return int(value)
+
+
 def reduce_rows(
     values: torch.Tensor,
     *,
@@ -219,17 +304,19 @@ def reduce_rows(
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce ``(N,)`` per-row values: ``mean`` (sum / N, or sum / ``num_items_in_batch`` when given, which keeps
-    gradient accumulation exact), ``sum``, or ``none`` (the ``(N,)`` values). An empty ``values`` gives 0."""
+    gradient accumulation exact), ``sum``, or ``none`` (the ``(N,)`` values). An empty ``values`` gives 0.
+
+    ``num_items_in_batch``: a whole number >= 1 (int, or a one-element tensor); anything else (0, negative, NaN,
+    2.5, a bool) raises ``ValueError`` naming it. It is validated for every reduction and used by ``mean`` only."""
     check_option("reduction", reduction, Reduction)
+    count = check_num_items(num_items_in_batch)
     if reduction == "none":
         return values
     total = values.sum()
     if reduction == "sum":
         return total
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
+    if count is not None:
+        return total / count
     return total / max(values.shape[0], 1)
 
 
@@ -253,14 +340,16 @@ def token_kd_loss(
 
     Args:
         student_logits / teacher_logits: ``(..., V)`` logits, same shape; any float dtype (math in fp32, or fp64).
+            ``-inf`` is a ruled-out token (see the module notes); NaN, ``+inf`` or a row of ``-inf`` only raise.
         mask: ``(...)`` bool rows to keep (all when None).
-        divergence_name: see :func:`divergence`; temperature ``T > 0``; ``scale_by_temperature_sq`` multiplies by ``T^2``.
+        divergence_name: see :func:`divergence`; temperature ``T``: finite, ``> 0``; ``scale_by_temperature_sq``
+            multiplies by ``T^2``.
         reduction / num_items_in_batch: see :func:`reduce_rows`.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_temperature(temperature)
+    check_num_items(num_items_in_batch)
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     s = student_logits.reshape(-1, student_logits.shape[-1]).to(dtype)
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).to(dtype)
@@ -271,6 +360,13 @@ def token_kd_loss(
         torch.log_softmax(t / temperature, -1), torch.log_softmax(s / temperature, -1),
         kind=divergence_name, beta=beta, alpha=alpha, mu=mu,
     )
+    if bool(torch.isnan(values).any()):
+        for name, x in (("teacher", t), ("student", s)):
+            bad = torch.isnan(x).any(-1) | (x == float("inf")).any(-1) | (x == float("-inf")).all(-1)
+            if bool(bad.any()):
+                raise ValueError(f"{name} logits row {int(bad.nonzero()[0])} (of the kept rows) holds NaN or +inf, or "
+                                 "is -inf in every column; -inf marks a ruled-out token, but a row needs one finite "
+                                 "logit and no NaN / +inf")
     if scale_by_temperature_sq:
         values = values * temperature**2
     return reduce_rows(values, reduction=reduction, num_items_in_batch=num_items_in_batch)

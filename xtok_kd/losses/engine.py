@@ -10,7 +10,12 @@ each row's gradient is scaled by the upstream gradient of its chunk's loss, whic
 
 Peak memory is therefore ``O(chunk_size * (Vt + Vs))`` plus the stored row gradients, independent of batch and
 length, never ``batch x length x vocabulary x vocabulary``. A chunk longer than ``chunk_size`` tokens forms a block
-alone. The teacher is a constant: no gradient flows to teacher logits. Double backward is not supported.
+alone. The teacher is a constant: no gradient flows to teacher logits (they may live on another device: their rows
+are gathered there and moved). Double backward is not supported.
+
+Values: ``-inf`` logits are ruled-out tokens and never make a loss NaN; a chunk whose divergence is genuinely ``+inf``
+keeps that value and gets no gradient. NaN in a block's loss or metrics can only come from a NaN or ``+inf`` logit
+or a row of ``-inf``: only then are the block's rows searched, and the first bad one is named.
 """
 
 from __future__ import annotations
@@ -105,13 +110,34 @@ def build_plan(
     return Plan(k, s_base, t_base, s_row, s_tok, s_chunk, t_row, t_tok, t_chunk, blocks)
 
 
-def _check_finite(x: torch.Tensor, flat_rows: torch.Tensor, length: int, side: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        bad = int(flat_rows[(~torch.isfinite(x)).any(-1)][0])
+def _check_rows(x: torch.Tensor, flat_rows: torch.Tensor, length: int, side: str) -> None:
+    """Raise ``ValueError`` naming the first row of ``x`` that holds NaN or +inf, or is -inf in every column."""
+    bad_value = torch.isnan(x) | (x == float("inf"))
+    bad = bad_value.any(-1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        col = int(bad_value[i].nonzero()[0])
+        flat = int(flat_rows[i])
         raise ValueError(
-            f"{side} logits contain NaN or inf at batch {bad // length}, position {bad % length}; "
-            "the loss refuses non-finite logits (check the model's forward pass, or mask those positions out)"
+            f"{side} logits contain NaN or inf at batch {flat // length}, position {flat % length} ({x[i, col].item()} "
+            f"in column {col}); -inf (a ruled-out token) is accepted, NaN and +inf are not: check the model's forward "
+            "pass (overflow in fp16?), or mask that position out of the alignment"
         )
+    dead = (x == float("-inf")).all(-1)
+    if bool(dead.any()):
+        flat = int(flat_rows[int(dead.nonzero()[0])])
+        raise ValueError(
+            f"{side} logits at batch {flat // length}, position {flat % length} are -inf in every vocabulary column: "
+            "that row rules out every token, so it is no distribution; leave at least one token possible, or mask "
+            "that position out of the alignment"
+        )
+
+
+def _take(flat: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``flat[rows]`` gathered where ``flat`` lives (the teacher may sit on another device), moved to ``device``."""
+    if rows.device != flat.device:
+        return flat.index_select(0, rows.to(flat.device)).to(device)
+    return flat.index_select(0, rows)
 
 
 def _token_logp(rows: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -144,6 +170,7 @@ class _ChunkedKD(torch.autograd.Function):
         tk_ids = topk_ids.reshape(-1, topk_ids.shape[-1]) if topk_ids is not None else None
         tk_logp = topk_logp.reshape(-1, topk_logp.shape[-1]) if topk_logp is not None else None
         vs, vt, temp = spec.student_width, spec.teacher_width, spec.temperature
+        dev = student_logits.device
         k = plan.num_chunks
         losses = torch.zeros(k, dtype=cd, device=student_logits.device)
         metrics = torch.zeros(k, len(spec.metric_names), dtype=cd, device=student_logits.device)
@@ -167,36 +194,43 @@ class _ChunkedKD(torch.autograd.Function):
                 t_sc_tok = plan.teacher_scalar_token[n0:n1]
                 t_base = ids_b = logp_b = None
                 if t_flat is not None:
-                    t_base = t_flat.index_select(0, t_rows)[:, :vt].to(cd)
+                    t_base = _take(t_flat, t_rows, dev)[:, :vt].to(cd)
                     if n1 > n0:
-                        t_scalar = t_flat.index_select(0, t_sc_rows)[:, :vt].to(cd)
+                        t_scalar = _take(t_flat, t_sc_rows, dev)[:, :vt].to(cd)
                         lp_t = _token_logp(t_scalar, t_sc_tok, temp)
                 else:
-                    ids_b, logp_b = tk_ids[t_rows], tk_logp[t_rows].to(cd)
+                    ids_b, logp_b = _take(tk_ids, t_rows, dev), _take(tk_logp, t_rows, dev).to(cd)
                     if n1 > n0:
-                        hit = tk_ids[t_sc_rows] == t_sc_tok[:, None]
-                        lp_t = tk_logp[t_sc_rows].to(cd).masked_fill(~hit, float("-inf")).amax(-1)
+                        hit = _take(tk_ids, t_sc_rows, dev) == t_sc_tok[:, None]
+                        lp_t = _take(tk_logp, t_sc_rows, dev).to(cd).masked_fill(~hit, float("-inf")).amax(-1)
                         lp_t = lp_t.clamp_min(math.log(MERGE_PROB_FLOOR))
                 if n1 > n0:
                     t_factor = lp_t.new_zeros(c1 - c0).index_add(0, plan.teacher_scalar_chunk[n0:n1] - c0, lp_t)
                 block = Block(s_base, t_base, ids_b, logp_b, vt, s_factor, t_factor, temp)
                 loss_b, met_b = spec.block_fn(block)
-                if not bool(torch.isfinite(loss_b.sum() + sum(m.sum() for m in met_b.values()))):
-                    # NaN / inf in any logit the block read reaches its loss or metrics: find it and say where.
-                    _check_finite(s_flat.index_select(0, s_rows)[:, :vs], s_rows, spec.student_length, "student")
+                # -inf logits are ruled-out tokens: a divergence may be +inf (genuinely), never NaN. NaN in the block's
+                # loss or metrics comes from a NaN / +inf logit or a row of -inf only: find it and say where.
+                if bool(torch.isnan(loss_b.sum() + sum(m.sum() for m in met_b.values()))):
+                    _check_rows(s_flat.index_select(0, s_rows)[:, :vs], s_rows, spec.student_length, "student")
                     if m1 > m0:
-                        _check_finite(s_flat.index_select(0, sc_rows)[:, :vs], sc_rows, spec.student_length, "student")
-                    t_src = t_flat if t_flat is not None else tk_logp
-                    t_w = vt if t_flat is not None else t_src.shape[-1]
-                    _check_finite(t_src.index_select(0, t_rows)[:, :t_w], t_rows, spec.teacher_length, "teacher")
-                    if n1 > n0:
-                        _check_finite(t_src.index_select(0, t_sc_rows)[:, :t_w], t_sc_rows, spec.teacher_length,
-                                      "teacher")
-                    raise FloatingPointError(f"the loss of chunks {c0}..{c1 - 1} is not finite although their logits "
-                                             "are; please report this with the inputs")
+                        _check_rows(s_flat.index_select(0, sc_rows)[:, :vs], sc_rows, spec.student_length, "student")
+                    if t_flat is not None:
+                        _check_rows(_take(t_flat, t_rows, dev)[:, :vt], t_rows, spec.teacher_length, "teacher")
+                        if n1 > n0:
+                            _check_rows(_take(t_flat, t_sc_rows, dev)[:, :vt], t_sc_rows, spec.teacher_length,
+                                        "teacher")
+                    raise FloatingPointError(f"the loss of chunks {c0}..{c1 - 1} is NaN although their logits are "
+                                             "valid; please report this with the inputs")
+                infinite = torch.isinf(loss_b)
                 if needs_grad:
                     inputs = [s_base] if s_scalar is None else [s_base, s_scalar]
-                    grads = torch.autograd.grad(loss_b.sum(), inputs, allow_unused=True)
+                    grads = list(torch.autograd.grad(loss_b.sum(), inputs, allow_unused=True))
+                    if bool(infinite.any()):  # an infinite chunk has no finite gradient: it gets none
+                        if grads[0] is not None:
+                            grads[0] = grads[0].masked_fill(infinite[:, None], 0.0)
+                        if s_scalar is not None and grads[1] is not None:
+                            own = infinite[plan.student_scalar_chunk[m0:m1] - c0]
+                            grads[1] = grads[1].masked_fill(own[:, None], 0.0)
             losses[c0:c1] = loss_b.detach()
             for j, name in enumerate(spec.metric_names):
                 metrics[c0:c1, j] = met_b[name].detach()

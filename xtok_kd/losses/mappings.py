@@ -14,7 +14,7 @@ per block; nothing here keeps state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -34,6 +34,7 @@ class Block:
         student_logits: ``(c, Vs)`` the student's aligned rows (the engine differentiates with respect to them).
         teacher_logits: ``(c, Vt)`` the teacher's aligned rows, or None when the teacher is given as top-k.
         teacher_topk_ids / teacher_topk_logp: ``(c, k)`` cached teacher top-k (ids and log-probabilities), or None.
+            A negative id is an empty slot; its log-probability is ``-inf`` (the module sets it so).
         teacher_vocab_size: ``Vt`` (needed to densify a top-k teacher).
         student_factor / teacher_factor: ``(c,)`` log of the chunk-merge factor (sum of the log-probabilities of
             the chunk's other actual tokens, see ``merge``), or None for no merge.
@@ -53,16 +54,18 @@ class Block:
 def teacher_logp(block: Block) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher log-probabilities ``(c, Vt)`` and, for a top-k teacher, the ``(c, Vt)`` mask of its known columns.
 
-    A top-k teacher is densified: unknown columns get :data:`LOG_FLOOR` (probability 0).
+    A top-k teacher is densified: unknown columns get :data:`LOG_FLOOR` (probability 0); empty slots (negative
+    ids) land in a spare column that is cut off.
     """
     if block.teacher_logits is not None:
         return torch.log_softmax(_scaled(block.teacher_logits, block.temperature), -1), None
     ids, logp = block.teacher_topk_ids, block.teacher_topk_logp
     if ids is None or logp is None:
         raise ValueError("a block needs teacher logits or a teacher top-k")
-    c = ids.shape[0]
-    dense = logp.new_full((c, block.teacher_vocab_size), LOG_FLOOR).scatter_(1, ids, logp)
-    known = torch.zeros(c, block.teacher_vocab_size, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
+    c, v = ids.shape[0], block.teacher_vocab_size
+    slot = ids.masked_fill(ids < 0, v)
+    dense = logp.new_full((c, v + 1), LOG_FLOOR).scatter_(1, slot, logp)[:, :v]
+    known = torch.zeros(c, v + 1, dtype=torch.bool, device=ids.device).scatter_(1, slot, True)[:, :v]
     return dense, known
 
 
@@ -85,11 +88,27 @@ def _push(probs: torch.Tensor, src: torch.Tensor | None, dst: torch.Tensor, weig
     return probs.new_zeros(probs.shape[0], width).scatter_add_(1, dst.expand(probs.shape[0], -1), vals)
 
 
+class _Log(torch.autograd.Function):
+    """``log(x)`` for ``x >= 0`` (0 gives ``-inf``) whose gradient at ``x = 0`` is 0 rather than NaN or inf."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return torch.log(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return (grad / x).masked_fill_(x == 0, 0.0)  # in place: one (c, V) temporary, as the plain log has
+
+
 def _log_normalised(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """``log(x / sum(x))`` per row for non-negative ``x``; with ``valid``, only over valid columns (others floored)."""
+    """``log(x / sum(x))`` per row for non-negative ``x`` (exact: a 0 gives ``-inf``); with ``valid``, only over valid
+    columns (others floored). A row summing to 0 gives ``-inf`` (or the floor) everywhere, never NaN."""
     if valid is not None:
         x = x * valid
-    logx = torch.log(x.clamp_min(torch.finfo(x.dtype).tiny)) - torch.log(x.sum(-1, keepdim=True))
+    total = x.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    logx = _Log.apply(x) - torch.log(total)
     return logx if valid is None else torch.where(valid, logx, logx.new_tensor(LOG_FLOOR))
 
 
@@ -120,11 +139,16 @@ def projection_rows(
     in positions of ``support``; ``compact_of`` ``(V_target,)`` maps a target id to its position (-1 outside).
     The comparison runs on the ``(c, |S|)`` compacted columns, never on masks over the full width.
 
+    A top-k teacher's empty slots (negative ids) and ids outside ``S`` are left out of the comparison. A chunk where
+    no teacher mass reaches the comparison (every column there ruled out with ``-inf``, or no known top-k id in it)
+    has nothing to compare: its loss is 0, with no gradient.
+
     Metrics: ``teacher_mass_mapped`` (teacher mass that reaches the comparison, before renormalisation).
     """
     temp = block.temperature
     s_scaled = _scaled(block.student_logits, temp)
     width = support.shape[0] if support is not None else None
+    nothing = None
     if direction == "student_to_teacher":
         width = width or block.teacher_vocab_size
         q_proj = _push(torch.softmax(s_scaled, -1), src, dst, weight, width)
@@ -133,22 +157,38 @@ def projection_rows(
             u_s = u if support is None else u.index_select(1, support)
             t_tilde = torch.log_softmax(u_s, -1)
             with torch.no_grad():  # mass on S = exp(lse_S - lse_all); lse_S read off the log-softmax
-                t_mass = (u_s[:, 0] - t_tilde[:, 0] - torch.logsumexp(u, -1)).exp() if support is not None else \
-                    torch.ones_like(u[:, 0])
+                if support is None:
+                    t_mass = torch.ones_like(u[:, 0])
+                else:
+                    lse_s = u_s[:, 0] - t_tilde[:, 0]
+                    redo = ~torch.isfinite(lse_s)  # column 0 ruled out (-inf), or no mass on S at all
+                    if bool(redo.any()):
+                        lse_s[redo] = torch.logsumexp(u_s[redo], -1)
+                        nothing = lse_s == float("-inf")  # the teacher rules out every column of S
+                        t_tilde = t_tilde.masked_fill(nothing[:, None], LOG_FLOOR)
+                    lse_all = torch.logsumexp(u, -1)
+                    t_mass = (lse_s - lse_all).exp()
+                    # +inf outside S: NaN, so that the engine reports it (exp(lse_S - inf) would read as mass 0)
+                    t_mass = t_mass.masked_fill(lse_all == float("inf"), float("nan"))
             s_tilde = _log_normalised(q_proj)
         else:
             ids, logp = block.teacher_topk_ids, block.teacher_topk_logp
-            pos = ids if compact_of is None else compact_of[ids]
-            valid = pos >= 0
+            empty = ids < 0
+            pos = ids if compact_of is None else compact_of[ids.clamp_min(0)]
+            valid = (pos >= 0) & ~empty
+            pos = pos.clamp_min(0)
             lse = torch.logsumexp(logp.masked_fill(~valid, float("-inf")), -1, keepdim=True)
-            t_tilde = torch.where(valid, logp - lse, logp.new_tensor(LOG_FLOOR))
+            nothing = lse.squeeze(-1) == float("-inf")  # no known id in S (or all of them ruled out)
+            lse_known = lse.masked_fill(nothing[:, None], 0.0)  # keep -inf - (-inf) out
+            t_tilde = torch.where(valid, logp - lse_known, logp.new_tensor(LOG_FLOOR))
             t_mass = lse.squeeze(-1).exp()
-            s_tilde = _log_normalised(q_proj.gather(1, pos.clamp_min(0)), valid)
+            s_tilde = _log_normalised(q_proj.gather(1, pos), valid)
     else:
         width = width or block.student_logits.shape[-1]
         t_logp, known = teacher_logp(block)
         p_proj = _push(t_logp.exp(), src, dst, weight, width)
         t_mass = p_proj.sum(-1).detach()
+        nothing = t_mass == 0  # the teacher's mass lies on ids the table does not map, or is ruled out there
         s_s = s_scaled if support is None else s_scaled.index_select(1, support)
         if known is None:
             t_tilde = _log_normalised(p_proj)
@@ -158,6 +198,8 @@ def projection_rows(
             t_tilde = _log_normalised(p_proj, valid)
             s_tilde = _log_normalised(torch.softmax(s_s, -1), valid)
     loss = divergence(t_tilde, s_tilde, kind=divergence_name, beta=beta, alpha=alpha, mu=mu)
+    if nothing is not None and bool(nothing.any()):  # no teacher mass reaches the comparison: the chunk gives 0
+        loss = loss.masked_fill(nothing, 0.0)
     return loss, {"teacher_mass_mapped": t_mass.detach()}
 
 
@@ -169,7 +211,8 @@ def uld_rows(block: Block, *, top_k: int | None) -> tuple[torch.Tensor, dict[str
     """ULD mapping: sorted-probability L1 between the (merged) rows; exact, or top-k with its bound.
 
     With ``top_k`` (or a cached top-k teacher) the metric ``uld_bound`` is the width of the interval holding the
-    exact value (see :func:`~xtok_kd.losses.uld.sorted_l1_topk`); it is 0 for the exact form.
+    exact value (see :func:`~xtok_kd.losses.uld.sorted_l1_topk`); it is 0 for the exact form. A cached top-k's empty
+    slots are left out: each row compares as many ranks as it has known ids.
     """
     s_logp = torch.log_softmax(_scaled(block.student_logits, block.temperature), -1)
     q = _merged_probs(s_logp, block.student_factor)
@@ -180,11 +223,14 @@ def uld_rows(block: Block, *, top_k: int | None) -> tuple[torch.Tensor, dict[str
             return loss, {"uld_bound": torch.zeros_like(loss).detach()}
         p_mass = None  # complete rows: their sums are the masses
     else:
-        if block.teacher_topk_logp is None:
+        if block.teacher_topk_logp is None or block.teacher_topk_ids is None:
             raise ValueError("a block needs teacher logits or a teacher top-k")
-        p = _merged_probs(block.teacher_topk_logp, block.teacher_factor)
+        p = _merged_probs(block.teacher_topk_logp, block.teacher_factor)  # empty slots hold -inf: probability 0
         p_mass = torch.ones_like(p[:, 0]) if block.teacher_factor is None else block.teacher_factor.exp()
+        known = (block.teacher_topk_ids >= 0).sum(-1)
         top_k = min(top_k or p.shape[-1], p.shape[-1])
+        loss, bound = sorted_l1_topk(p, q, k=top_k, teacher_mass=p_mass, teacher_known=known)
+        return loss, {"uld_bound": bound}
     loss, bound = sorted_l1_topk(p, q, k=top_k, teacher_mass=p_mass)
     return loss, {"uld_bound": bound}
 

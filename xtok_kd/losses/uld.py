@@ -114,6 +114,7 @@ def sorted_l1_topk(
     k: int,
     teacher_mass: torch.Tensor | None = None,
     student_mass: torch.Tensor | None = None,
+    teacher_known: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` sorted L1 with the tail masses compared as one entry, and its approximation bound.
 
@@ -123,6 +124,9 @@ def sorted_l1_topk(
         k: number of ranks compared one by one (``k >= 1``); rows narrower than ``k`` are zero-padded.
         teacher_mass / student_mass: ``(N,)`` total mass of each row when the input is only a head (a cached top-k);
             None: the rows are complete and their sums are the masses.
+        teacher_known: ``(N,)`` how many of the teacher's entries are known (a cached top-k with empty slots, whose
+            probabilities are 0): row ``i`` compares ``k_i = min(k, teacher_known_i)`` ranks, the rest goes to the
+            tails, exactly as if the empty slots were not there. None: ``k`` for every row.
 
     Returns:
         ``(loss (N,), bound (N,))``: the exact sorted L1 lies in ``[loss, loss + bound]``;
@@ -135,8 +139,18 @@ def sorted_l1_topk(
     p_mass = teacher_probs.sum(-1) if teacher_mass is None else teacher_mass
     q_mass = student_probs.sum(-1) if student_mass is None else student_mass
     # A head that covers the whole row leaves no tail (exactly 0, not a rounding residue).
-    p_tail = (p_mass - p.sum(-1)).clamp_min(0.0) * float(teacher_mass is not None or k < teacher_probs.shape[-1])
-    q_tail = (q_mass - q.sum(-1)).clamp_min(0.0) * float(student_mass is not None or k < student_probs.shape[-1])
+    p_whole = teacher_mass is None and k >= teacher_probs.shape[-1]
+    if teacher_known is None:
+        q_whole: Any = student_mass is None and k >= student_probs.shape[-1]
+    else:
+        ranks = teacher_known.clamp(0, k)
+        keep = torch.arange(k, device=p.device)[None, :] < ranks[:, None]
+        p, q = p * keep, q * keep
+        q_whole = (ranks >= student_probs.shape[-1]) if student_mass is None else False
+        p_whole = False
+    p_tail = (p_mass - p.sum(-1)).clamp_min(0.0) * float(not p_whole)
+    q_tail = (q_mass - q.sum(-1)).clamp_min(0.0)
+    q_tail = q_tail * (~q_whole).to(q_tail.dtype) if isinstance(q_whole, torch.Tensor) else q_tail * float(not q_whole)
     loss = (p - q).abs().sum(-1) + (p_tail - q_tail).abs()
     bound = 2.0 * torch.minimum(p_tail, q_tail).detach()
     return loss, bound
