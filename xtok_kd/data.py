@@ -26,7 +26,7 @@ from typing import Any, Literal, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from .sequence import Alignment, align_spans
+from .sequence import align_spans
 from .tokenizer import TokenizerView, char_to_byte_offsets, load_tokenizer
 
 __all__ = ["CrossTokenizerCollator", "render_chat", "ChatRegion", "EncodedExample", "EncodedPair"]
