@@ -362,3 +362,21 @@ def test_empty_text_and_empty_message_content(qwen, llama):
         assert al.chunk_bytes[0].tolist() == [0, 2] and al.chunk_bytes[-1].tolist()[1] == 8
         assert al.aligned_bytes == 5 and al.chunk_bytes[1, 0] == 5  # "Bye" after three separators
         assert al.aligned_share == 1.0 and out["dropped_messages"] == 0 and not caught
+
+
+def test_seam_tokens_keep_their_student_label(qwen, mistral):
+    """A token straddling template and content is in no chunk, but it is the student's own text: it keeps its
+    label when the content it overlaps counts (Mistral's first answer word, Qwen's template '\\n' merged with '\\n\\n')."""
+    messages = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "It is four."},
+                {"role": "user", "content": "\n\nAnd three?"}, {"role": "assistant", "content": "\n\nSix."}]
+    for teacher, student, expected in ((qwen, mistral, "It is four.\n\nSix."), (mistral, qwen, "It is four.\n\n\nSix.")):
+        out = CrossTokenizerCollator(teacher, student, loss_on="assistant")([{"messages": messages}])
+        labels = out["student_labels"][0]
+        assert student.hf.decode([int(i) for i in labels if i >= 0]) == expected
+        al = out["alignment"]
+        seam = (al.student_chunk[0] < 0) & (labels.numpy() >= 0)  # labelled, yet in no chunk: the seam tokens
+        assert 1 <= int(seam.sum()) <= out["seam_tokens"]
+    # The same conversation with loss_on="all" labels the user turns' seam tokens too.
+    out = CrossTokenizerCollator(qwen, mistral, loss_on="all")([{"messages": messages}])
+    decoded = mistral.hf.decode([int(i) for i in out["student_labels"][0] if i >= 0])
+    assert decoded.startswith("What is two plus two?")

@@ -182,12 +182,22 @@ class EncodedExample:
             template and content).
         seam_tokens: tokens straddling a content edge (template/content): given an empty span, in no chunk.
         statuses: per message (chat examples), how this side's template renders it (:class:`ChatRegion`).
+        label_at: ``(n,)`` int64 content byte offset that decides whether the token gets a label (the start of
+            the content it covers; for a seam token, the first content byte it overlaps), -1 for tokens that hold
+            no content. None: the start of each non-empty span.
     """
 
     ids: np.ndarray
     spans: np.ndarray
     seam_tokens: int = 0
     statuses: tuple[RegionStatus, ...] = ()
+    label_at: np.ndarray | None = None
+
+    def label_offsets(self) -> np.ndarray:
+        """:attr:`label_at`, or derived from the spans when not given."""
+        if self.label_at is not None:
+            return self.label_at
+        return np.where(self.spans[:, 1] > self.spans[:, 0], self.spans[:, 0], -1)
 
 
 class EncodedPair(NamedTuple):
@@ -224,6 +234,7 @@ def _encode_chat(view: TokenizerView, messages: Sequence[Mapping[str, Any]], des
     statuses = tuple(r.status for r in regions)
     use = [k for k, r in enumerate(regions) if r.status == "kept" and r.char_len > 0]
     spans = np.zeros_like(enc.spans)
+    label_at = np.full(enc.ids.shape[0], -1, dtype=np.int64)
     seam = 0
     if use:
         cb = char_to_byte_offsets(rendered)
@@ -240,12 +251,19 @@ def _encode_chat(view: TokenizerView, messages: Sequence[Mapping[str, Any]], des
         r = np.searchsorted(r_start, a, side="right") - 1
         rr = np.maximum(r, 0)
         inside = content & ~crosses & (r >= 0) & (a < r_end[rr])
-        seam = int((content & crosses).sum())
+        seam_mask = content & crosses
+        seam = int(seam_mask.sum())
         spans[inside] = enc.spans[inside] + shift[rr[inside], None]
+        label_at[inside] = spans[inside, 0]
+        # A seam token is still the student's own text: it is labelled by the first content byte it overlaps.
+        q = np.searchsorted(r_start, b, side="left") - 1
+        qq = np.maximum(q, 0)
+        overlaps = seam_mask & (q >= 0) & (r_end[qq] > a)
+        label_at[overlaps] = np.maximum(a[overlaps], r_start[qq[overlaps]]) + shift[qq[overlaps]]
         # Template tokens get an empty span at the end of the content before them (keeps spans monotone).
         run = np.maximum.accumulate(np.where(inside, spans[:, 1], 0))
         spans[~inside] = run[~inside, None]
-    return EncodedExample(enc.ids, spans, seam, statuses)
+    return EncodedExample(enc.ids, spans, seam, statuses, label_at)
 
 
 class CrossTokenizerCollator:
@@ -271,13 +289,15 @@ class CrossTokenizerCollator:
       and ``loss_on`` only, never the teacher: student tokens the teacher cannot pair (teacher truncated
       earlier, a message only the student's template renders) keep their labels. Tokens that are not content
       are never labelled: BOS/EOS the tokenizer adds, padding, and every chat-template token, including the
-      end-of-turn marker after assistant content (``<|im_end|>``, ``<|eot_id|>``, ``</s>``) and tokens
-      straddling template and content. Add those yourself if the student must learn to stop.
+      end-of-turn marker after assistant content (``<|im_end|>``, ``<|eot_id|>``, ``</s>``). Add those yourself
+      if the student must learn to stop. A token straddling template and content (Mistral's ``▁It`` after
+      ``[/INST]``) is in no chunk but keeps its label when the content it overlaps counts: it is the student's
+      own text.
     * ``alignment``: the :class:`~xtok_kd.Alignment`; ``chunk_loss_mask`` marks chunks starting inside a loss
       range. ``covered_bytes`` counts content bytes only (the separators between messages are not content), so
       a perfectly aligned chat reports ``aligned_share == 1.0``; ``truncated_bytes`` counts content bytes both
       sides lost to truncation; ``teacher_fingerprint`` / ``student_fingerprint`` are set.
-    * ``seam_tokens``: tokens straddling template and content (in no chunk, not labelled).
+    * ``seam_tokens``: tokens straddling template and content (in no chunk; labelled by the content they hold).
     * ``dropped_messages``: messages only one side's template renders (dropped or rewritten by the other;
       unaligned, out of the distillation loss; a warning names them).
     * ``truncated_examples``: examples of which one side kept no content at all after truncation (a warning
@@ -392,8 +412,8 @@ class CrossTokenizerCollator:
             counts[sel] = _in_ranges(alignment.chunk_bytes[sel, 0], e.loss_ranges)
             # Student labels: the student's own content tokens inside a loss range (the teacher plays no part).
             n = s_kept[b]
-            spans = s_spans[b, :n]
-            label = (spans[:, 1] > spans[:, 0]) & _in_ranges(spans[:, 0], e.loss_ranges)
+            at = e.student.label_offsets()[:n]
+            label = (at >= 0) & _in_ranges(at, e.loss_ranges)
             labels[b, :n] = np.where(label, s_ids[b, :n], -100)
         alignment = replace(
             alignment.with_loss_mask(counts),
