@@ -67,6 +67,13 @@ def _load_cached(path: Path, t_view: Any, s_view: Any, *, warn: bool = True) -> 
     return table
 
 
+def _build_unreadable(t_view: Any, s_view: Any, path: Path, err: Exception, options: dict) -> VocabAlignment:
+    """An entry this process cannot read: build in memory, leave the entry as it is, and say so."""
+    logger.warning("xtok_kd: cannot read cached vocabulary table %s (%s); building it in memory and leaving the "
+                   "entry as it is; fix its permissions or set XTOK_KD_CACHE to a folder of your own", path, err)
+    return _build(t_view, s_view, path, **options)
+
+
 def get_or_build(teacher: Any, student: Any, *, neighbours: int = 4, window: int = 8,
                  progress: bool = False) -> VocabAlignment:
     """The cached table of ``teacher`` and ``student``, built and saved on first use.
@@ -92,9 +99,7 @@ def get_or_build(teacher: Any, student: Any, *, neighbours: int = 4, window: int
     try:
         table = _load_cached(path, t_view, s_view)
     except _Unusable as err:
-        logger.warning("xtok_kd: cannot read cached vocabulary table %s (%s); building it in memory and leaving the "
-                       "entry as it is; fix its permissions or set XTOK_KD_CACHE to a folder of your own", path, err)
-        return _build(t_view, s_view, path, **options)
+        return _build_unreadable(t_view, s_view, path, err, options)
     if table is not None:
         return table
     warned = path.is_file()  # a file is there but it was not a valid table: the warning is out
@@ -107,9 +112,7 @@ def get_or_build(teacher: Any, student: Any, *, neighbours: int = 4, window: int
         try:  # another process may have built it while this one waited
             table = _load_cached(path, t_view, s_view, warn=not warned)
         except _Unusable as err:
-            logger.warning("xtok_kd: cannot read cached vocabulary table %s (%s); building it in memory and leaving "
-                           "the entry as it is", path, err)
-            return _build(t_view, s_view, path, **options)
+            return _build_unreadable(t_view, s_view, path, err, options)
         if table is not None:
             return table
         table = _build(t_view, s_view, path, **options)
