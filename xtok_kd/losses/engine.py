@@ -210,7 +210,9 @@ class _ChunkedKD(torch.autograd.Function):
                 loss_b, met_b = spec.block_fn(block)
                 # -inf logits are ruled-out tokens: a divergence may be +inf (genuinely), never NaN. NaN in the block's
                 # loss or metrics comes from a NaN / +inf logit or a row of -inf only: find it and say where.
-                if bool(torch.isnan(loss_b.sum() + sum(m.sum() for m in met_b.values()))):
+                total = loss_b.sum() + sum(m.sum() for m in met_b.values())
+                finite = bool(torch.isfinite(total))  # one host sync per block in the usual, all-finite case
+                if not finite and bool(torch.isnan(total)):
                     _check_rows(s_flat.index_select(0, s_rows)[:, :vs], s_rows, spec.student_length, "student")
                     if m1 > m0:
                         _check_rows(s_flat.index_select(0, sc_rows)[:, :vs], sc_rows, spec.student_length, "student")
@@ -221,11 +223,11 @@ class _ChunkedKD(torch.autograd.Function):
                                         "teacher")
                     raise FloatingPointError(f"the loss of chunks {c0}..{c1 - 1} is NaN although their logits are "
                                              "valid; please report this with the inputs")
-                infinite = torch.isinf(loss_b)
                 if needs_grad:
                     inputs = [s_base] if s_scalar is None else [s_base, s_scalar]
                     grads = list(torch.autograd.grad(loss_b.sum(), inputs, allow_unused=True))
-                    if bool(infinite.any()):  # an infinite chunk has no finite gradient: it gets none
+                    infinite = None if finite else torch.isinf(loss_b)
+                    if infinite is not None and bool(infinite.any()):  # an infinite chunk gets no gradient
                         if grads[0] is not None:
                             grads[0] = grads[0].masked_fill(infinite[:, None], 0.0)
                         if s_scalar is not None and grads[1] is not None:
