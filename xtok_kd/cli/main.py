@@ -9,16 +9,18 @@ import sys
 
 from . import CliError
 from . import align as align_cmd
+from . import cache_teacher as cache_teacher_cmd
+from . import distill as distill_cmd
 from . import inspect as inspect_cmd
 
 __all__ = ["main", "build_parser"]
 
-_COMMANDS = {"align": align_cmd, "inspect": inspect_cmd}
+_COMMANDS = {"align": align_cmd, "inspect": inspect_cmd, "cache-teacher": cache_teacher_cmd, "distill": distill_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="xtok-kd", description="Cross-tokenizer knowledge distillation: vocabulary tables and reports."
+        prog="xtok-kd", description="Cross-tokenizer knowledge distillation: vocabulary tables, reports, teacher caches and training."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -1,0 +1,13 @@
+"""``xtok-kd cache-teacher`` (being written)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("cache-teacher", help="(being written)")
+
+
+def run(args: argparse.Namespace) -> int:
+    raise NotImplementedError

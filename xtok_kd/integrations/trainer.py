@@ -1,0 +1,281 @@
+"""``CrossTokenizerKDTrainer``: a ``transformers.Trainer`` that distils a teacher into a student with another tokenizer.
+
+Everything the Trainer already does (DDP/FSDP/DeepSpeed through ``accelerate launch`` or ``torchrun``, mixed
+precision, checkpoints and resume, logging integrations) is left to it. This subclass adds:
+
+* the data side: :class:`DistillationCollator` tokenizes each ``{"text": ...}`` or ``{"messages": [...]}`` row for
+  both models and aligns them (``remove_unused_columns`` is switched off for you: the rows are raw text);
+* the teacher: run in eval mode without gradients, on the student's device (unless it was placed with a
+  ``device_map``), in its own dtype; or read from a teacher cache (:class:`xtok_kd.teacher_cache.TeacherCache` as
+  the dataset), in which case no teacher is loaded at all;
+* the loss: ``ce_weight * CE(student) + kd_weight * KD``, both normalised over the whole accumulated batch (label
+  tokens for CE, aligned chunks for KD, summed across processes when ``average_tokens_across_devices``), so gradient
+  accumulation and data parallelism give the gradient of the big batch;
+* metrics: ``ce``, ``kd``, ``aligned_share``, ``dropped_chunks``, ``chunks``, the mapping's means
+  (``teacher_mass_mapped`` ...), ``skipped_examples``, ``dropped_messages``, ``truncated_examples``, averaged over the
+  logging interval and sent through the Trainer's ``log`` (``eval_`` prefix during evaluation).
+
+Checkpoints hold the student only (the teacher is not part of ``self.model``); ``trainer.train(resume_from_checkpoint=
+True)`` resumes as with any Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from typing import Any, Mapping, Sequence
+
+import torch
+from transformers import Trainer
+
+from ..data import CrossTokenizerCollator
+from ..losses import CrossTokenizerKDLoss, TeacherTopK
+from ..tokenizer import load_tokenizer
+
+__all__ = ["CrossTokenizerKDTrainer", "DistillationCollator"]
+
+
+class DistillationCollator:
+    """Wraps :class:`~xtok_kd.CrossTokenizerCollator` for training: bad rows are skipped (and counted), never a crash
+    mid-epoch; rows from a teacher cache also get their top-k padded into the batch.
+
+    Batch keys added to the collator's: ``skipped_examples`` (int), and with cache rows ``teacher_topk_ids``
+    ``(B, Lt, k)`` int64 (``-1``: empty slot) and ``teacher_topk_logprobs`` ``(B, Lt, k)`` float32.
+
+    Raises:
+        ValueError: every row of a batch is invalid (the message names each row's problem).
+    """
+
+    def __init__(self, collator: CrossTokenizerCollator) -> None:
+        self.collator = collator
+        self.skipped = 0
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        rows = list(examples)
+        bad: list[tuple[int, str]] = []
+        try:
+            batch = self.collator(rows)
+        except ValueError:
+            good = []
+            for i, row in enumerate(rows):
+                try:
+                    self.collator.encode_example(row)
+                    good.append(row)
+                except ValueError as err:
+                    bad.append((i, str(err)))
+            if not bad:
+                raise
+            if not good:
+                raise ValueError("every example of this batch is invalid: " + "; ".join(
+                    f"row {i}: {why}" for i, why in bad[:5])) from None
+            self.skipped += len(bad)
+            warnings.warn(f"skipped {len(bad)} invalid example(s) of a batch of {len(rows)} (" + "; ".join(
+                f"row {i}: {why}" for i, why in bad[:3]) + "); filter the dataset to silence this", stacklevel=2)
+            rows = good
+            batch = self.collator(rows)
+        batch["skipped_examples"] = len(bad)
+        if "teacher_topk_ids" in rows[0]:
+            from ..teacher_cache import collate_teacher_topk
+
+            ids, logprobs = collate_teacher_topk(rows, batch["teacher_input_ids"], batch["teacher_attention_mask"])
+            batch["teacher_topk_ids"], batch["teacher_topk_logprobs"] = ids, logprobs
+        return batch
+
+
+def _loss_chunks(alignment: Any) -> int:
+    """Chunks the KD loss reads: with an aligned row on both sides and inside the loss mask."""
+    return int((alignment.has_rows & alignment.chunk_loss_mask).sum())
+
+
+def _weight(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class CrossTokenizerKDTrainer(Trainer):
+    """A ``transformers.Trainer`` for a student distilled from a teacher with a different tokenizer.
+
+    Args:
+        model: the student (``AutoModelForCausalLM``-like: ``model(input_ids, attention_mask).logits``).
+        args: ``TrainingArguments`` (``remove_unused_columns`` is set to False).
+        teacher_model: the teacher causal LM, or None when the dataset is a teacher cache or ``kd_weight == 0``.
+        teacher_tokenizer / student_tokenizer: anything :func:`xtok_kd.load_tokenizer` takes (default for the
+            student: ``processing_class``; for the teacher: the cache's tokenizer when training from a cache).
+        kd_loss: a ready :class:`~xtok_kd.CrossTokenizerKDLoss`; default: one built from ``loss_options`` (its keyword
+            arguments, e.g. ``{"mapping": "uld"}``) with the table built once and cached on disk.
+        kd_weight / ce_weight: weights of the KD term and of the student's own cross-entropy (``kd_weight=0``: plain
+            fine-tuning through the same pipeline, no teacher needed).
+        teacher_top_k: feed the loss the live teacher's top-k log-probabilities (the same values a teacher cache of
+            this ``k`` holds) instead of its full logits. None: full logits.
+        max_length / loss_on: the collator's options (see :class:`~xtok_kd.CrossTokenizerCollator`); a teacher cache
+            fixes them (its values are the defaults, and other values are refused).
+        data_collator: default :class:`DistillationCollator` of the two tokenizers.
+        train_dataset / eval_dataset: rows ``{"text": str}`` or ``{"messages": [...]}`` (a list, a ``datasets``
+            Dataset, or a :class:`~xtok_kd.teacher_cache.TeacherCache`).
+        **kwargs: the rest of ``Trainer``'s arguments (callbacks, optimizers, ...).
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        args: Any = None,
+        *,
+        teacher_model: Any = None,
+        teacher_tokenizer: Any = None,
+        student_tokenizer: Any = None,
+        kd_loss: CrossTokenizerKDLoss | None = None,
+        loss_options: Mapping[str, Any] | None = None,
+        kd_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        teacher_top_k: int | None = None,
+        max_length: int | None = None,
+        loss_on: str | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        from transformers import TrainingArguments
+
+        self.kd_weight, self.ce_weight = _weight("kd_weight", kd_weight), _weight("ce_weight", ce_weight)
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight are both 0: nothing to train; set at least one > 0")
+        if teacher_top_k is not None and (isinstance(teacher_top_k, bool) or not isinstance(teacher_top_k, int)
+                                          or teacher_top_k < 1):
+            raise ValueError(f"teacher_top_k must be None or an int >= 1, got {teacher_top_k!r}")
+        cache = next((d for d in (train_dataset, eval_dataset) if _is_cache(d)), None)
+        if cache is not None:
+            teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else cache.teacher_tokenizer
+            for name, given, cached in (("max_length", max_length, cache.max_length),
+                                        ("loss_on", loss_on, cache.loss_on)):
+                if given is not None and given != cached:
+                    raise ValueError(f"{name}={given!r} differs from the teacher cache's {name}={cached!r} (the "
+                                     f"cached top-k rows follow its tokenization); leave {name} out or rebuild the "
+                                     f"cache with `xtok-kd cache-teacher ... --{name.replace('_', '-')} {given}`")
+            max_length, loss_on = cache.max_length, cache.loss_on
+        if student_tokenizer is None:
+            student_tokenizer = processing_class
+        if teacher_tokenizer is None or student_tokenizer is None:
+            raise ValueError("pass teacher_tokenizer= and student_tokenizer= (or processing_class=); with a teacher "
+                             "cache as the dataset the teacher tokenizer is the cache's")
+        self.teacher_view = load_tokenizer(teacher_tokenizer)
+        self.student_view = load_tokenizer(student_tokenizer)
+        for d in (train_dataset, eval_dataset):
+            if _is_cache(d):
+                d.check_pair(self.teacher_view, self.student_view)
+        uses_cache = _is_cache(train_dataset)
+        if self.kd_weight > 0 and teacher_model is None and not uses_cache:
+            raise ValueError("kd_weight > 0 needs teacher_model= (a causal LM) or a teacher cache as train_dataset "
+                             "(xtok_kd.teacher_cache.TeacherCache; `xtok-kd cache-teacher` writes one)")
+        if data_collator is None:
+            data_collator = DistillationCollator(CrossTokenizerCollator(
+                self.teacher_view, self.student_view, max_length=max_length, loss_on=loss_on or "all"))
+        if kd_loss is None:
+            kd_loss = CrossTokenizerKDLoss(teacher=self.teacher_view, student=self.student_view,
+                                           **dict(loss_options or {}))
+        elif loss_options:
+            raise ValueError("pass either kd_loss= or loss_options=, not both")
+        if args is None:
+            args = TrainingArguments(output_dir="xtok_kd_output")
+        if args.remove_unused_columns:
+            args.remove_unused_columns = False  # rows are raw text; the collator turns them into tensors
+        if processing_class is None:
+            processing_class = self.student_view.hf  # saved with each checkpoint, so the student reloads whole
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole accumulated batch itself
+        self.kd_loss = kd_loss.to(self.args.device)
+        self.teacher_top_k = teacher_top_k
+        self.teacher = None
+        if teacher_model is not None:
+            teacher_model.eval().requires_grad_(False)
+            if getattr(teacher_model, "hf_device_map", None) is None:
+                teacher_model = teacher_model.to(self.args.device)
+            self.teacher = teacher_model
+        self._kd_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ------------------------------------------------------------------ counting for gradient accumulation
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """``(2,)`` int64: student label tokens and KD chunks over the accumulated micro-batches (and processes)."""
+        if not batch_samples:
+            return None
+        tokens = sum(int((b["student_labels"][..., 1:] != -100).sum()) for b in batch_samples)
+        chunks = sum(_loss_chunks(b["alignment"]) for b in batch_samples)
+        counts = torch.tensor([tokens, chunks], dtype=torch.int64, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.gather(counts).reshape(-1, 2).sum(0)
+        return counts
+
+    # ------------------------------------------------------------------ the loss
+    def _teacher_input(self, inputs: Mapping[str, Any]) -> torch.Tensor | TeacherTopK:
+        if "teacher_topk_ids" in inputs:
+            return TeacherTopK(inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"])
+        if self.teacher is None:
+            raise ValueError("this batch has no cached teacher top-k and the trainer has no teacher_model")
+        device = next(self.teacher.parameters()).device
+        with torch.no_grad():
+            logits = self.teacher(input_ids=inputs["teacher_input_ids"].to(device),
+                                  attention_mask=inputs["teacher_attention_mask"].to(device), use_cache=False).logits
+        if self.teacher_top_k is None:
+            return logits
+        from ..teacher_cache import teacher_topk
+
+        return TeacherTopK(*teacher_topk(logits, self.teacher_top_k, self.teacher_view.vocab_size))
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | None = None) -> Any:
+        outputs = model(input_ids=inputs["student_input_ids"], attention_mask=inputs["student_attention_mask"],
+                        use_cache=False)
+        logits = outputs.logits
+        labels = inputs["student_labels"].to(logits.device)
+        scale = 1.0
+        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() == 2:
+            tokens, chunks = (max(int(x), 1) for x in num_items_in_batch.tolist())
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                scale = float(self.args.world_size)  # DDP averages gradients over processes; the counts are global
+        else:  # evaluation, or a caller without counts: means over this batch
+            tokens, chunks = None, None
+        local_tokens = max(int((labels[..., 1:] != -100).sum()), 1)
+        local_chunks = max(_loss_chunks(inputs["alignment"]), 1)
+        tokens, chunks = tokens or local_tokens, chunks or local_chunks
+        ce = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum") / tokens
+        loss = self.ce_weight * ce
+        mode = "train" if model.training else "eval"
+        record = self._kd_metrics[mode]
+        record["ce"].append(float(ce.detach()) * tokens / local_tokens)  # metrics: this batch's means
+        if self.kd_weight > 0:
+            kd = self.kd_loss(logits, self._teacher_input(inputs), inputs, num_items_in_batch=chunks)
+            loss = loss + self.kd_weight * kd.loss
+            record["kd"].append(float(kd.loss.detach()) * chunks / local_chunks)
+            for name, value in kd.metrics.items():
+                record[name].append(value)
+        else:
+            record["aligned_share"].append(float(inputs["alignment"].aligned_share))
+        for name in ("skipped_examples", "dropped_messages", "truncated_examples", "seam_tokens"):
+            if name in inputs:
+                record[name].append(float(inputs[name]))
+        loss = loss * scale
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        record = self._kd_metrics[mode]
+        prefix = "eval_" if mode == "eval" else ""
+        logs = {**logs, **{f"{prefix}{name}": sum(v) / len(v) for name, v in record.items() if v}}
+        record.clear()
+        super().log(logs, start_time)
+
+
+def _is_cache(dataset: Any) -> bool:
+    return dataset is not None and hasattr(dataset, "check_pair") and hasattr(dataset, "top_k")
