@@ -23,6 +23,10 @@ _EXPORTS = {
     "CrossTokenizerCollator": "xtok_kd.data",
     "VocabAlignment": "xtok_kd.vocab",
     "CrossTokenizerKDLoss": "xtok_kd.losses",
+    "KDLossOutput": "xtok_kd.losses",
+    "TeacherTopK": "xtok_kd.losses",
+    "TeacherCache": "xtok_kd.teacher_cache",
+    "write_teacher_cache": "xtok_kd.teacher_cache",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
