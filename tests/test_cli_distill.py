@@ -205,6 +205,7 @@ def test_student_from_a_folder_with_held_out_data(distilled, tmp_path, capsys):
     code, _, err = _main(["--student", str(out), "--student-tokenizer", "gpt2", "--kd-weight", "0", "--data",
                           str(SAMPLE_TEXT), "--output-dir", str(tmp_path / "bad"), *TRAINER_FLAGS], capsys)
     assert code == 2 and "32000 output rows" in err and "50257 ids" in err and "not the model's tokenizer" in err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_out_of_memory_names_the_flags_that_help(teacher_dir, data_file, tmp_path, capsys, monkeypatch):
@@ -250,6 +251,9 @@ def test_teacher_cache_run(tiny_teacher, tmp_path, capsys):
     assert code == 2
     assert "--max-length 64 differs from the teacher cache's 32" in err and "--loss-on 'assistant'" in err
     assert "--data with --teacher-cache" in err and not (tmp_path / "x").exists()
+    code, _, err = _main(["--teacher-cache", str(cache), *STUDENT, "--mapping", "hybrid", "--temperature", "2",
+                          "--output-dir", str(tmp_path / "x"), *TRAINER_FLAGS], capsys)
+    assert code == 2 and "--mapping hybrid needs the teacher's full logits" in err and "--temperature 2" in err
     # a student tokenizer the cache was not made for: the cache's own message, naming both fingerprints
     gpt2 = load_tokenizer("gpt2")
     code, _, err = _main(["--teacher-cache", str(cache), *STUDENT[:2], "--student-tokenizer", "gpt2",

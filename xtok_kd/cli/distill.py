@@ -21,10 +21,11 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 from . import CliError, check_int, fail_if_any, open_tokenizer, tokenizer_problem
 
@@ -209,15 +210,17 @@ def _model_problem(value: str, *, option: str) -> str | None:
     """Why ``value`` cannot name a causal LM, found without loading it (None: it may)."""
     from ..integrations.models import EMBEDDED_MODELS, embedded_gguf
 
-    kinds = f"a hub id, a folder with config.json and weights, a .gguf file, or an embedded name ({', '.join(EMBEDDED_MODELS)})"
+    kinds = ("a hub id, a folder with config.json and weights, a .gguf file, or an embedded name "
+             f"({', '.join(EMBEDDED_MODELS)})")
     if not value.strip() or "\0" in value:
         return f"{option} {value!r} is no model name; pass {kinds}"
     path = Path(value).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             found = sorted(os.listdir(path))[:6]
-            return (f"{option} {value!r}: the folder has no config.json ({'holds ' + ', '.join(found) if found else 'empty'}); "
-                    "save the model there with model.save_pretrained(folder), or pass " + kinds)
+            holds = "it holds " + ", ".join(found) if found else "it is empty"
+            return (f"{option} {value!r}: the folder has no config.json ({holds}); save the model there with "
+                    "model.save_pretrained(folder), or pass " + kinds)
         return None
     if path.exists():
         if path.suffix.lower() != ".gguf":
@@ -293,7 +296,9 @@ def _number_problem(option: str, value: Any, *, low: float, low_open: bool = Fal
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if ok:
         return None
-    span = f"{'>' if low_open else '>='} {low:g}" + (f" and {'<' if high_open else '<='} {high:g}" if high is not None else "")
+    span = f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        span += f" and {'<' if high_open else '<='} {high:g}"
     return f"{option} {value!r}: must be a finite number {span}"
 
 
@@ -416,6 +421,15 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
         add(f"--mapping {opts.mapping!r} is not one of {', '.join(_mappings())}")
     if opts.divergence not in _divergences():
         add(f"--divergence {opts.divergence!r} is not one of {', '.join(_divergences())}")
+    top_k_source = ("--teacher-cache" if opts.teacher_cache is not None else
+                    f"--teacher-top-k {opts.teacher_top_k}" if opts.teacher_top_k is not None else None)
+    if needs_teacher and top_k_source is not None:  # the teacher comes as its temperature-1 top-k only
+        if opts.mapping == "hybrid":
+            add(f"--mapping hybrid needs the teacher's full logits, but {top_k_source} gives its top-k only; use "
+                "--mapping projection or uld, or a live --teacher without --teacher-top-k")
+        if isinstance(opts.temperature, (int, float)) and opts.temperature != 1:
+            add(f"--temperature {opts.temperature:g}: {top_k_source} gives temperature-1 log-probabilities; use "
+                "--temperature 1, or a live --teacher without --teacher-top-k")
     if opts.max_length is not None:
         p = check_int("--max-length", opts.max_length, low=2)
         if p:
@@ -450,7 +464,8 @@ def _resume_problem(value: str, output_dir: str | None) -> str | None:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        return f"{option} {value!r}: no such checkpoint folder; pass a checkpoint-N folder, or 'last' for the newest one"
+        return (f"{option} {value!r}: no such checkpoint folder; pass a checkpoint-N folder, or 'last' for the newest "
+                "one")
     if not (path / "trainer_state.json").is_file():
         return (f"{option} {value!r} is not a Trainer checkpoint (no trainer_state.json); pass a checkpoint-N folder "
                 "of an earlier run, or 'last'")
@@ -510,7 +525,7 @@ def _model_tokenizer(value: str, *, role: str) -> Any:
         return load_tokenizer(models.load_model_tokenizer(value))
     except ImportError:
         raise
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001  (a user's folder or hub id: any failure to read it is an input problem)
         raise CliError(f"the {role}'s own tokenizer could not be loaded from {value!r} ({_first_line(err)}); pass "
                        f"--{role}-tokenizer (a folder with tokenizer.json, a hub id, or an embedded name)") from None
 
@@ -587,63 +602,61 @@ def run(args: argparse.Namespace) -> int:
     return _distill(opts, training_args, command=getattr(args, "command_line", "xtok-kd distill"), started=started)
 
 
-def _distill(opts: DistillArguments, training_args: Any, *, command: str, started: float) -> int:
-    import torch
-    from transformers import TrainerCallback
+@dataclass
+class _Data:
+    """What the run trains and evaluates on."""
 
+    train: Any
+    eval: Any
+    cache: Any = None
+    max_length: int | None = None
+    loss_on: str = "all"
+    skipped: dict[str, int] = field(default_factory=dict)
+    eval_skipped: dict[str, int] = field(default_factory=dict)
+
+
+def _load_data(opts: DistillArguments, *, seed: int, say: Any) -> _Data:
+    """The examples of --data / --eval-data / --eval-fraction, or the rows of --teacher-cache."""
     from ..integrations.data import load_examples, split_held_out
-    from ..integrations.models import tiny_llama
-    from ..integrations.trainer import CrossTokenizerKDTrainer
 
-    main_process = training_args.process_index == 0
-    say = print if main_process else (lambda *a, **k: None)
-    output_dir = Path(training_args.output_dir).expanduser()
-    resume: Any = training_args.resume_from_checkpoint or None
-    if isinstance(resume, str) and resume.strip().lower() in _RESUME_LAST:
-        resume = True
-
-    # data (or the cache, which holds it) ----------------------------------------------------------
-    cache = None
-    skipped: dict[str, int] = {}
-    eval_skipped: dict[str, int] = {}
     if opts.teacher_cache is not None:
         from ..teacher_cache import TeacherCache
 
         cache = TeacherCache(opts.teacher_cache)
-        max_length, loss_on = cache.max_length, cache.loss_on
-        say(f"teacher cache: {opts.teacher_cache} ({len(cache)} examples, top-{cache.top_k}, teacher "
-            f"{cache.manifest.get('teacher_name') or cache.manifest['teacher_tokenizer'].get('name')!r}, "
-            f"max_length {max_length}, loss_on {loss_on})")
+        teacher = cache.manifest.get("teacher_name") or cache.manifest["teacher_tokenizer"].get("name")
+        say(f"teacher cache: {opts.teacher_cache} ({len(cache)} examples, top-{cache.top_k}, teacher {teacher!r}, "
+            f"max_length {cache.max_length}, loss_on {cache.loss_on})")
+        data = _Data(cache, None, cache, cache.max_length, cache.loss_on)
         if opts.eval_fraction > 0:
-            train_idx, eval_idx = split_held_out(list(range(len(cache))), opts.eval_fraction, seed=training_args.seed)
-            train_dataset, eval_dataset = _CacheRows(cache, train_idx), _CacheRows(cache, eval_idx)
-        else:
-            train_dataset, eval_dataset = cache, None
-    else:
-        max_length = opts.max_length or DEFAULT_MAX_LENGTH
-        loss_on = opts.loss_on or "all"
-        read = dict(loss_on=loss_on, chars_per_example=opts.chars_per_example, split=opts.data_split,
-                    text_field=opts.text_field, messages_field=opts.messages_field)
-        examples, skipped = load_examples(opts.data, **read)
-        say(f"data: {len(examples)} examples from {opts.data}" + (
-            f"; skipped {sum(skipped.values())} bad rows ({_skipped_words(skipped)})" if skipped else ""))
-        eval_dataset = None
-        if opts.eval_data is not None:
-            eval_dataset, eval_skipped = load_examples(opts.eval_data, **read)
-            say(f"eval data: {len(eval_dataset)} examples from {opts.eval_data}" + (
-                f"; skipped {sum(eval_skipped.values())} bad rows ({_skipped_words(eval_skipped)})"
-                if eval_skipped else ""))
-        elif opts.eval_fraction > 0:
-            examples, eval_dataset = split_held_out(examples, opts.eval_fraction, seed=training_args.seed)
-            say(f"held out {len(eval_dataset)} of the examples for evaluation (--eval-fraction {opts.eval_fraction})")
-        train_dataset = examples
+            train_idx, eval_idx = split_held_out(list(range(len(cache))), opts.eval_fraction, seed=seed)
+            data.train, data.eval = _CacheRows(cache, train_idx), _CacheRows(cache, eval_idx)
+            say(f"held out {len(eval_idx)} of the cached examples for evaluation (--eval-fraction "
+                f"{opts.eval_fraction})")
+        return data
+    loss_on = opts.loss_on or "all"
+    read = {"loss_on": loss_on, "chars_per_example": opts.chars_per_example, "split": opts.data_split,
+            "text_field": opts.text_field, "messages_field": opts.messages_field}
+    examples, skipped = load_examples(opts.data, **read)
+    say(f"data: {len(examples)} examples from {opts.data}" + (
+        f"; skipped {sum(skipped.values())} bad rows ({_skipped_words(skipped)})" if skipped else ""))
+    data = _Data(examples, None, None, opts.max_length or DEFAULT_MAX_LENGTH, loss_on, skipped)
+    if opts.eval_data is not None:
+        data.eval, data.eval_skipped = load_examples(opts.eval_data, **read)
+        say(f"eval data: {len(data.eval)} examples from {opts.eval_data}" + (
+            f"; skipped {sum(data.eval_skipped.values())} bad rows ({_skipped_words(data.eval_skipped)})"
+            if data.eval_skipped else ""))
+    elif opts.eval_fraction > 0:
+        data.train, data.eval = split_held_out(examples, opts.eval_fraction, seed=seed)
+        say(f"held out {len(data.eval)} of the examples for evaluation (--eval-fraction {opts.eval_fraction})")
+    return data
 
-    # tokenizers -----------------------------------------------------------------------------------
+
+def _load_tokenizers(opts: DistillArguments, cache: Any) -> tuple[Any, Any]:
+    """``(teacher view, student view)``: given, the models' own, or the cache's (checked against the cache)."""
     if opts.student_tokenizer is not None:
         student_view = open_tokenizer(opts.student_tokenizer, role="student")
     else:
         student_view = _model_tokenizer(opts.student, role="student")
-    kd = opts.kd_weight > 0
     if cache is not None:
         try:  # the student first: its fingerprint is compared without loading the cache's teacher tokenizer
             cache.check_pair(None, student_view)
@@ -654,13 +667,32 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
                 cache.check_pair(open_tokenizer(opts.teacher_tokenizer, role="teacher"), None)
             except ValueError as err:
                 raise CliError(f"--teacher-tokenizer: {err}") from None
-        teacher_view = cache.teacher_tokenizer
-    elif opts.teacher_tokenizer is not None:
-        teacher_view = open_tokenizer(opts.teacher_tokenizer, role="teacher")
-    elif opts.teacher is not None and kd:
-        teacher_view = _model_tokenizer(opts.teacher, role="teacher")
-    else:
-        teacher_view = student_view  # --kd-weight 0 and no teacher: the KD term is off
+        return cache.teacher_tokenizer, student_view
+    if opts.teacher_tokenizer is not None:
+        return open_tokenizer(opts.teacher_tokenizer, role="teacher"), student_view
+    if opts.teacher is not None and opts.kd_weight > 0:
+        return _model_tokenizer(opts.teacher, role="teacher"), student_view
+    return student_view, student_view  # --kd-weight 0 and no teacher: the KD term is off
+
+
+def _distill(opts: DistillArguments, training_args: Any, *, command: str, started: float) -> int:
+    import torch
+    from transformers import TrainerCallback
+
+    from ..integrations.models import tiny_llama
+    from ..integrations.trainer import CrossTokenizerKDTrainer
+
+    main_process = training_args.process_index == 0
+    say = print if main_process else (lambda *a, **k: None)
+    output_dir = Path(training_args.output_dir).expanduser()
+    resume: Any = training_args.resume_from_checkpoint or None
+    if isinstance(resume, str) and resume.strip().lower() in _RESUME_LAST:
+        resume = True
+    data = _load_data(opts, seed=training_args.seed, say=say)
+    cache, max_length, loss_on = data.cache, data.max_length, data.loss_on
+    skipped, eval_skipped = data.skipped, data.eval_skipped
+    teacher_view, student_view = _load_tokenizers(opts, cache)
+    kd = opts.kd_weight > 0
 
     # models ---------------------------------------------------------------------------------------
     teacher = None
@@ -706,7 +738,7 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
             student_tokenizer=student_view, loss_options=loss_options, kd_weight=opts.kd_weight,
             ce_weight=opts.ce_weight, teacher_top_k=opts.teacher_top_k if cache is None else None,
             max_length=None if cache is not None else max_length, loss_on=None if cache is not None else loss_on,
-            train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=[_LogLastStep()])
+            train_dataset=data.train, eval_dataset=data.eval, callbacks=[_LogLastStep()])
     record: dict[str, Any] = {"format": MARKER_FORMAT, "version": 1, "command": command, "status": "running",
                               "options": asdict(opts), "output_dir": str(output_dir)}
     if trainer.is_world_process_zero():
@@ -724,7 +756,7 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
     train_time = time.perf_counter() - trained_at
     trainer.save_model()
     eval_metrics: dict[str, float] = {}
-    if eval_dataset is not None:
+    if data.eval is not None:
         with _memory_guard("evaluating"):
             eval_metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
@@ -751,9 +783,9 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
         if eval_metrics:
             say("eval: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in eval_metrics.items()
                                      if k in ("eval_loss", "eval_ce", "eval_kd")))
-        bad = sum(skipped.values()) + sum(eval_skipped.values())
-        say(f"skipped examples: {bad} bad rows at load" + (
-            f" ({_skipped_words({k: skipped.get(k, 0) + eval_skipped.get(k, 0) for k in {**skipped, **eval_skipped}})})"
-            if bad else "") + f", {summary['skipped_by_collator']} by the collator")
+        at_load = {k: skipped.get(k, 0) + eval_skipped.get(k, 0) for k in {**skipped, **eval_skipped}}
+        say(f"skipped examples: {sum(at_load.values())} bad rows at load"
+            + (f" ({_skipped_words(at_load)})" if at_load else "")
+            + f", {summary['skipped_by_collator']} by the collator")
         say(f"student: {output_dir} (AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained)")
     return 0

@@ -24,8 +24,9 @@ import random
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 __all__ = ["SKIP_REASONS", "load_examples", "source_problem", "split_held_out", "split_passages"]
 
@@ -296,11 +297,11 @@ def _dataset_error(source: str, split: str, err: BaseException, local: bool) -> 
     offline = _hub_offline() or isinstance(err, ConnectionError) or any(
         w in text for w in ("offline", "connection", "connect", "reach", "resolve", "network", "timed out"))
     if offline:
-        return ValueError(f"{source!r} is not a local file or folder, and as a hub dataset name it could not be fetched: "
-                          f"this machine is offline (or the hub is unreachable) and it is not in the `datasets` cache "
-                          f"({_first_line(err)}); {local_hint}")
-    return ValueError(f"{source!r} is not a local file or folder, and `datasets.load_dataset({source!r}, split={split!r})` "
-                      f"failed ({_first_line(err)}); check the name and split, or {local_hint}")
+        return ValueError(f"{source!r} is not a local file or folder, and as a hub dataset name it could not be "
+                          "fetched: this machine is offline (or the hub is unreachable) and it is not in the "
+                          f"`datasets` cache ({_first_line(err)}); {local_hint}")
+    return ValueError(f"{source!r} is not a local file or folder, and `datasets.load_dataset({source!r}, "
+                      f"split={split!r})` failed ({_first_line(err)}); check the name and split, or {local_hint}")
 
 
 def load_examples(
