@@ -14,10 +14,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import TrainerCallback, TrainingArguments
 
-from xtok_kd.assets import SAMPLE_TEXT  # noqa: E402
-from xtok_kd.integrations import CrossTokenizerKDTrainer, tiny_llama  # noqa: E402
+from xtok_kd.assets import SAMPLE_TEXT
+from xtok_kd.integrations import CrossTokenizerKDTrainer, tiny_llama
 
 MAX_LENGTH = 48
 #: Paragraphs of very different lengths, so that per-micro-batch means differ from means over the whole batch.
@@ -39,9 +39,9 @@ def student(mistral, seed: int = 2):
 
 
 def make_args(tmp_path, **kw) -> TrainingArguments:
-    options = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                   max_steps=2, logging_steps=1, learning_rate=1e-3, report_to=[], use_cpu=True,
-                   save_strategy="no", train_sampling_strategy="sequential", disable_tqdm=True, seed=0)
+    options = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+               "max_steps": 2, "logging_steps": 1, "learning_rate": 1e-3, "report_to": [], "use_cpu": True,
+               "save_strategy": "no", "train_sampling_strategy": "sequential", "disable_tqdm": True, "seed": 0}
     options.update(kw)
     return TrainingArguments(**options)
 
@@ -179,27 +179,46 @@ def test_logged_metrics_and_loss_decomposition(tmp_path, qwen, mistral, teacher,
         assert all(0 < log["teacher_mass_mapped"] <= 1 + 1e-6 for log in logs)
 
 
-def test_evaluate_returns_and_logs_kd_metrics(tmp_path, qwen, mistral, teacher):
-    trainer = make_trainer(tmp_path, qwen, mistral, student(mistral), teacher, eval_dataset=ROWS[:8],
-                           ce_weight=1.0, kd_weight=3.0)
+def test_evaluate_returns_and_logs_kd_metrics_apart_from_training(tmp_path, qwen, mistral, teacher):
+    args = make_args(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2)
+    trainer = make_trainer(tmp_path, qwen, mistral, student(mistral), teacher, rows=ROWS[:8], eval_dataset=ROWS[8:12],
+                           ce_weight=1.0, kd_weight=3.0, args=args)
+    trainer.train()
+
+    def chunks(rows):
+        a = trainer.data_collator(rows)["alignment"]
+        return int((a.has_rows & a.chunk_loss_mask).sum())
+
+    logs, evals = train_logs(trainer), [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert len(logs) == len(evals) == 2
+    # Each record holds its own batches only: training steps 1 and 2, and the two evaluation batches.
+    assert [e["chunks"] for e in logs] == [chunks(ROWS[:4]), chunks(ROWS[4:8])]
+    assert all(e["eval_chunks"] == (chunks(ROWS[8:10]) + chunks(ROWS[10:12])) / 2 for e in evals)
+    assert not any(k.startswith("eval_") for e in logs for k in e)
+
     metrics = trainer.evaluate()
-    for key in ("eval_loss", "eval_ce", "eval_kd", "eval_aligned_share", "eval_chunks"):
+    for key in ("eval_loss", "eval_ce", "eval_kd", "eval_aligned_share", "eval_chunks", "eval_teacher_mass_mapped"):
         assert key in metrics and math.isfinite(metrics[key]), key
-    # Two batches of 4: eval_loss is the mean of the batches' losses, the metrics the means of their terms.
+    # Two batches of 2: eval_loss is the mean of the batches' losses, the metrics the means of their terms.
     assert metrics["eval_loss"] == pytest.approx(metrics["eval_ce"] + 3.0 * metrics["eval_kd"], rel=1e-5)
     assert trainer.state.log_history[-1]["eval_kd"] == metrics["eval_kd"]
-    assert not any(k.startswith("eval_") for e in train_logs(trainer) for k in e)
+    assert trainer.predict(ROWS[8:12]).metrics["test_kd"] == pytest.approx(metrics["eval_kd"], rel=1e-6)
 
 
 # ---------------------------------------------------------------------- weights and the teacher's absence
 def test_kd_weight_zero_trains_without_a_teacher(tmp_path, qwen, mistral):
     model = student(mistral)
     before = model.model.embed_tokens.weight.detach().clone()
-    trainer = make_trainer(tmp_path, qwen, mistral, model, None, kd_weight=0.0)
+    args = make_args(tmp_path, include_num_input_tokens_seen="non_padding")
+    trainer = make_trainer(tmp_path, qwen, mistral, model, None, kd_weight=0.0, args=args)
     trainer.train()
     logs = train_logs(trainer)
     assert all("kd" not in e and e["loss"] == pytest.approx(e["ce"], rel=1e-5) for e in logs)
     assert not torch.equal(before, model.model.embed_tokens.weight)
+    # The Trainer's token and FLOP counts read the student's inputs.
+    tokens = sum(int(trainer.data_collator(ROWS[a:a + 4])["student_attention_mask"].sum()) for a in (0, 4))
+    assert trainer.state.num_input_tokens_seen == tokens
+    assert trainer.state.total_flos > 0
 
 
 @pytest.mark.parametrize("options, match", [

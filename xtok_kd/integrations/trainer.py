@@ -5,9 +5,10 @@ precision, checkpoints and resume, logging integrations) is left to it. This sub
 
 * the data side: :class:`DistillationCollator` tokenizes each ``{"text": ...}`` or ``{"messages": [...]}`` row for
   both models and aligns them (``remove_unused_columns`` is switched off for you: the rows are raw text);
-* the teacher: run in eval mode without gradients, on the student's device (unless it was placed with a
-  ``device_map``), in its own dtype; or read from a teacher cache (:class:`xtok_kd.teacher_cache.TeacherCache` as
-  the dataset), in which case no teacher is loaded at all;
+* the teacher: run in eval mode (restored before each forward) without gradients, on the student's device (unless
+  it was placed with a ``device_map``), in its own dtype; or read from a teacher cache
+  (:class:`xtok_kd.teacher_cache.TeacherCache` as the dataset, and as the eval dataset), in which case no teacher is
+  loaded at all;
 * the loss: ``ce_weight * CE(student) + kd_weight * KD``, both normalised over the whole accumulated batch (label
   tokens for CE, aligned chunks for KD, summed across processes when ``average_tokens_across_devices``), so gradient
   accumulation and data parallelism give the gradient of the big batch;
@@ -16,8 +17,10 @@ precision, checkpoints and resume, logging integrations) is left to it. This sub
   ``dropped_messages``, ``truncated_examples``: totals over the interval. Both over all processes. Training logs
   carry them beside ``loss``; ``evaluate()`` returns (and logs) them with its prefix (``eval_ce``, ``eval_kd`` ...).
 
-Checkpoints hold the student only (the teacher is not part of ``self.model``); ``trainer.train(resume_from_checkpoint=
-True)`` resumes as with any Trainer.
+Checkpoints hold the student only (the teacher is not part of ``self.model``) and the student's tokenizer;
+``trainer.train(resume_from_checkpoint=True)`` resumes as with any Trainer. ``floating_point_ops`` and
+``num_input_tokens_seen`` count the student's tokens. Under DDP the batches are collated in each process (never
+dispatched from process 0: a batch holds an Alignment), and a process's metrics are gathered at each log.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers import Trainer
@@ -120,8 +124,14 @@ class CrossTokenizerKDTrainer(Trainer):
             fixes them (its values are the defaults, and other values are refused).
         data_collator: default :class:`DistillationCollator` of the two tokenizers.
         train_dataset / eval_dataset: rows ``{"text": str}`` or ``{"messages": [...]}`` (a list, a ``datasets``
-            Dataset, or a :class:`~xtok_kd.teacher_cache.TeacherCache`).
+            Dataset, or a :class:`~xtok_kd.teacher_cache.TeacherCache`; without ``teacher_model`` and with
+            ``kd_weight > 0`` both must be caches).
         **kwargs: the rest of ``Trainer``'s arguments (callbacks, optimizers, ...).
+
+    Raises:
+        ValueError: a weight that is not a finite number ``>= 0`` (or both 0), a bad ``teacher_top_k``; ``kd_weight >
+            0`` with neither a teacher nor a cache for a dataset; ``max_length`` / ``loss_on`` other than a cache's;
+            ``mapping="hybrid"`` or a temperature other than 1 with a top-k teacher (cache or ``teacher_top_k``).
     """
 
     def __init__(
@@ -276,15 +286,16 @@ class CrossTokenizerKDTrainer(Trainer):
         # Next-token targets aligned with every row (the last row has none), so the logits are read as they are,
         # without the copy that slicing off their last row would make.
         targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                                               reduction="sum") / tokens
-        loss = self.ce_weight * ce
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.ce_weight > 0):  # ce_weight 0: a metric only
+            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                                   reduction="sum") / tokens
+        loss = self.ce_weight * ce if self.ce_weight > 0 else None
         mode = "train" if model.training else "eval"
         record = self._kd_metrics[mode]
         record["ce"].append(float(ce.detach()) * tokens / local_tokens)  # metrics: this batch's means
         if self.kd_weight > 0:
             kd = self.kd_loss(logits, self._teacher_input(inputs), inputs, num_items_in_batch=chunks)
-            loss = loss + self.kd_weight * kd.loss
+            loss = self.kd_weight * kd.loss if loss is None else loss + self.kd_weight * kd.loss
             record["kd"].append(float(kd.loss.detach()) * chunks / local_chunks)
             for name, value in kd.metrics.items():
                 record[name].append(value)
