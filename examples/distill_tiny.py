@@ -77,7 +77,7 @@ def stdlib_docstrings(modules: tuple[str, ...] = STDLIB_MODULES, *, max_chars_pe
         for name in sorted(modules):
             try:
                 module = importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - a module missing from this build (e.g. no _sqlite3) is just skipped
+            except Exception:  # noqa: BLE001, S112 - a module missing from this build (no _sqlite3...) is skipped
                 continue
             docs = [inspect.getdoc(module) or ""]
             for attr in sorted(getattr(module, "__all__", None) or dir(module)):
@@ -161,7 +161,11 @@ def _cap(texts: list[str], chars: int) -> list[str]:
 def load_teacher(name: str) -> tuple[Any, Any]:
     """``(teacher model, its tokenizer)``: ``"smollm2"`` (exits 2 with the pip command when not installed), or
     ``"tiny-random"`` (a tiny random Llama with the embedded GPT-2 tokenizer: for smoke tests only)."""
-    from xtok_kd.integrations.models import load_causal_lm, load_model_tokenizer, tiny_llama
+    from xtok_kd.integrations.models import (
+        load_causal_lm,
+        load_model_tokenizer,
+        tiny_llama,
+    )
 
     if name == "tiny-random":
         from xtok_kd import load_tokenizer
@@ -177,7 +181,7 @@ def load_teacher(name: str) -> tuple[Any, Any]:
 
 def train_student(*, label: str, student_tokenizer: Any, dataset: Any, teacher_tokenizer: Any, args: Any,
                   output_dir: Path, kd_weight: float, loss_options: dict[str, Any], teacher_model: Any = None,
-                  teacher_top_k: int | None = None) -> Any:
+                  teacher_top_k: int | None = None, progress: bool = True) -> Any:
     """One student from ``args.seed``'s initialisation, trained by ``CrossTokenizerKDTrainer`` on ``dataset``."""
     import torch
     from transformers import TrainingArguments
@@ -191,7 +195,7 @@ def train_student(*, label: str, student_tokenizer: Any, dataset: Any, teacher_t
         output_dir=str(output_dir / label), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 20),
         weight_decay=0.0, seed=args.seed, data_seed=args.seed, logging_steps=max(1, args.steps // 8),
-        save_strategy="no", report_to=[], disable_tqdm=os.environ.get("XTOK_KD_NO_TQDM") == "1", use_cpu=not torch.cuda.is_available(),
+        save_strategy="no", report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
     trainer = CrossTokenizerKDTrainer(
@@ -274,8 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dataset, live, top_k = TeacherCache(cache_dir), None, None
 
     results: dict[str, float] = {}
-    common = dict(student_tokenizer=student_tok, dataset=dataset, teacher_tokenizer=teacher_tok, args=args,
-                  output_dir=out, loss_options=loss_options, teacher_model=live, teacher_top_k=top_k)
+    common = {"student_tokenizer": student_tok, "dataset": dataset, "teacher_tokenizer": teacher_tok, "args": args,
+              "output_dir": out, "loss_options": loss_options, "teacher_model": live, "teacher_top_k": top_k}
     ce_student = train_student(label="ce_only", kd_weight=0.0, **common)
     kd_student = train_student(label="kd", kd_weight=args.kd_weight, **common)
 
