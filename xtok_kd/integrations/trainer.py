@@ -175,6 +175,8 @@ class CrossTokenizerKDTrainer(Trainer):
             max_length, loss_on = cache.max_length, cache.loss_on
         if student_tokenizer is None:
             student_tokenizer = processing_class
+        if teacher_tokenizer is None and self.kd_weight == 0 and student_tokenizer is not None:
+            teacher_tokenizer = student_tokenizer  # no teacher: the collator's teacher side mirrors the student
         if teacher_tokenizer is None or student_tokenizer is None:
             raise ValueError("pass teacher_tokenizer= and student_tokenizer= (or processing_class=); with a teacher "
                              "cache as the dataset the teacher tokenizer is the cache's")
@@ -199,7 +201,11 @@ class CrossTokenizerKDTrainer(Trainer):
         if data_collator is None:
             data_collator = DistillationCollator(CrossTokenizerCollator(
                 self.teacher_view, self.student_view, max_length=max_length, loss_on=loss_on or "all"))
-        if kd_loss is None:
+        if kd_loss is None and self.kd_weight == 0:
+            if loss_options:
+                raise ValueError("loss_options= with kd_weight=0: there is no KD term to configure; set kd_weight > 0 "
+                                 "or leave loss_options out")
+        elif kd_loss is None:
             kd_loss = CrossTokenizerKDLoss(teacher=self.teacher_view, student=self.student_view,
                                            **dict(loss_options or {}))
         elif loss_options:
@@ -227,7 +233,7 @@ class CrossTokenizerKDTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole accumulated batch itself
-        self.kd_loss = kd_loss.to(self.args.device)
+        self.kd_loss = None if kd_loss is None else kd_loss.to(self.args.device)
         self.teacher_top_k = teacher_top_k
         self.teacher = None
         if teacher_model is not None:
