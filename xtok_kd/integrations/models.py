@@ -12,9 +12,12 @@ from-config students.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["EMBEDDED_MODELS", "embedded_gguf", "load_causal_lm", "load_model_tokenizer", "tiny_llama"]
 
@@ -77,13 +80,57 @@ def load_causal_lm(name_or_path: str, *, dtype: Any = None, device: Any = None) 
 
 
 def load_model_tokenizer(name_or_path: str) -> Any:
-    """The Hugging Face tokenizer that comes with a model (hub id, folder, ``.gguf`` file, embedded name)."""
+    """The Hugging Face tokenizer that comes with a model (hub id, folder, ``.gguf`` file, embedded name).
+
+    A GGUF file's tokenizer is converted once (transformers reads the whole file for it, ~12 s for SmolLM2) and kept
+    in the xtok_kd cache folder (``$XTOK_KD_CACHE``), keyed by the file's path, size and modification time.
+    """
     from transformers import AutoTokenizer
 
     folder, gguf_file = _gguf_source(name_or_path)
-    if gguf_file is not None:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    return AutoTokenizer.from_pretrained(folder)
+    if gguf_file is None:
+        return AutoTokenizer.from_pretrained(folder)
+    kept = _converted_tokenizer_dir(Path(folder) / gguf_file)
+    if kept is not None and (kept / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(kept))
+        except Exception as err:  # a damaged cache entry: convert again
+            logger.warning("xtok_kd: could not read the cached tokenizer %s (%s); converting the GGUF file again",
+                           kept, err)
+    hf = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    if kept is not None:
+        _keep_tokenizer(hf, kept)
+    return hf
+
+
+def _converted_tokenizer_dir(gguf: Path) -> Path | None:
+    import hashlib
+
+    try:
+        from ..vocab.cache import cache_dir
+
+        stat = gguf.stat()
+        key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        return cache_dir() / "gguf_tokenizers" / f"{gguf.stem}-{key}"
+    except OSError:
+        return None
+
+
+def _keep_tokenizer(hf: Any, target: Path) -> None:
+    """Save ``hf`` at ``target`` through a temporary folder renamed into place (a reader never sees half of it)."""
+    import shutil
+    import tempfile
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            hf.save_pretrained(str(tmp))
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:  # a read-only or full cache folder: only the saving is lost
+        logger.warning("xtok_kd: could not keep the converted tokenizer at %s: %s", target, err)
 
 
 def tiny_llama(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
