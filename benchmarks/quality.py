@@ -223,24 +223,26 @@ def summarise(runs: dict, teacher_bpb: dict[str, float], students: list[str], me
              f"{','.join(map(str, opts.seeds))}. Text: {source}, {opts.train_chars:,} training characters, "
              f"{opts.heldout_chars:,} held-out characters (never trained on). Gain: CE-only mean - method mean "
              "(positive helps); std units: gain / pooled std over seeds; paired gain: CE-only minus method for each "
-             "seed (same initialisation and data order)."), "",
+             "seed (same initialisation and data order), its range and its mean in units of its own std over seeds."), "",
              ("| student tokenizer | method | bits/byte (mean) | std | gain vs CE | gain (std units) | paired gain "
-              "per seed (min / max) | seeds |"),
-             "|---|---|---|---|---|---|---|---|"]
+              "per seed (min / max) | paired gain (its std units) | seeds |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for student in students:
         if student in teacher_bpb:
-            lines.append(f"| {student} | teacher SmolLM2-135M (reference) | {teacher_bpb[student]:.4f} | | | | | |")
+            lines.append(f"| {student} | teacher SmolLM2-135M (reference) | {teacher_bpb[student]:.4f} | | | | | | |")
         ce = [runs[(student, "ce", s)]["bpb"] for s in opts.seeds if (student, "ce", s) in runs]
         for method in methods:
             vals = [runs[(student, method, s)]["bpb"] for s in opts.seeds if (student, method, s) in runs]
             if not vals:
                 continue
             mean, std = statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-            gain = units = paired = ""
+            gain = units = paired = paired_units = ""
             pairs = [runs[(student, "ce", s)]["bpb"] - runs[(student, method, s)]["bpb"] for s in opts.seeds
                      if (student, "ce", s) in runs and (student, method, s) in runs]
             if method != "ce" and pairs:  # same initialisation and data order per seed: the loss is the only change
                 paired = f"{min(pairs):+.3f} / {max(pairs):+.3f}"
+                if len(pairs) > 1 and statistics.stdev(pairs) > 0:
+                    paired_units = f"{statistics.fmean(pairs) / statistics.stdev(pairs):+.1f}"
             if method != "ce" and ce:
                 g = statistics.fmean(ce) - mean
                 ce_std = statistics.stdev(ce) if len(ce) > 1 else 0.0
@@ -248,7 +250,7 @@ def summarise(runs: dict, teacher_bpb: dict[str, float], students: list[str], me
                 gain = f"{g:+.4f}"
                 units = f"{g / pooled:+.1f}" if pooled > 0 else "n/a"
             lines.append(f"| {student} | {METHODS[method][0]} | {mean:.4f} | {std:.4f} | {gain} | {units} | {paired} | "
-                         f"{len(vals)} |")
+                         f"{paired_units} | {len(vals)} |")
     return "\n".join(lines) + "\n"
 
 
