@@ -131,7 +131,8 @@ def test_bad_options_are_all_reported_and_nothing_is_written(tmp_path, capsys):
     code, stdout, err = _main(["--mapping", "nope", "--divergence", "kl", "--kd-weight", "-1", "--ce-weight", "inf",
                                "--student", "some/student", *STUDENT[:2], "--data", str(tmp_path / "missing.txt"),
                                "--eval-fraction", "1.5", "--max-length", "0", "--loss-on", "everything",
-                               "--teacher-dtype", "int8", "--techer", "x", "--output-dir", str(out)], capsys)
+                               "--teacher-dtype", "int8", "--techer", "x", "--loss-block-rows", "0",
+                               "--output-dir", str(out)], capsys)
     assert code == 2 and stdout == ""
     assert "Traceback" not in err
     for expected in ("problems with the command line", "unknown option --techer (did you mean --teacher?)",
@@ -140,7 +141,7 @@ def test_bad_options_are_all_reported_and_nothing_is_written(tmp_path, capsys):
                      "--kd-weight -1.0: must be a finite number >= 0", "--ce-weight inf",
                      "--teacher is missing", "exactly one of --student", "--student-config needs --student-tokenizer",
                      "missing.txt'", "--eval-fraction 1.5", "--max-length 0", "--loss-on 'everything'",
-                     "--teacher-dtype 'int8'"):
+                     "--teacher-dtype 'int8'", "--loss-block-rows 0"):
         assert expected in err, expected
     assert "'x'" not in err  # the unknown option's value is not reported as a second problem
     assert not out.exists()
@@ -222,7 +223,7 @@ def test_out_of_memory_names_the_flags_that_help(teacher_dir, data_file, tmp_pat
     assert code == 2 and "Traceback" not in err
     assert "out of memory while loading the teacher" in err
     for flag in ("--teacher-cache", "xtok-kd cache-teacher", "--teacher-dtype bfloat16",
-                 "--per-device-train-batch-size", "--max-length", "--gradient-checkpointing"):
+                 "--per-device-train-batch-size", "--max-length", "--gradient-checkpointing", "--loss-block-rows"):
         assert flag in err, flag
 
 

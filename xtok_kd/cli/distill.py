@@ -302,7 +302,8 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
                 control.should_log = True
             return control
 
-    loss_options = ({"mapping": opts.mapping, "divergence": opts.divergence, "temperature": opts.temperature}
+    loss_options = ({"mapping": opts.mapping, "divergence": opts.divergence, "temperature": opts.temperature,
+                     "chunk_size": opts.loss_block_rows}
                     if kd else None)  # --kd-weight 0: no KD term, no table
     with _memory_guard("building the trainer"):
         trainer = CrossTokenizerKDTrainer(

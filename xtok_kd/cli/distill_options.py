@@ -23,7 +23,8 @@ DEFAULT_HIDDEN_SIZE, DEFAULT_LAYERS = 64, 2
 _RESUME_LAST = ("true", "last", "latest")
 _MEMORY_FIX = ("--teacher-cache DIR (run `xtok-kd cache-teacher` first: no teacher in memory while training), "
                "--teacher-dtype bfloat16, a smaller --per-device-train-batch-size (raise "
-               "--gradient-accumulation-steps to keep the batch), a smaller --max-length, --gradient-checkpointing")
+               "--gradient-accumulation-steps to keep the batch), a smaller --max-length, --gradient-checkpointing, "
+               "a smaller --loss-block-rows (the KD loss's rows per block)")
 
 
 def _mappings() -> tuple[str, ...]:
@@ -96,6 +97,10 @@ class DistillArguments:
     divergence: str = field(default="fkl", metadata={"help": (
         "divergence: fkl, rkl, jsd, tvd, skl, srkl, akl, symmetric_kl")})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of both models in the KD loss"})
+    loss_block_rows: int = field(default=32, metadata={"help": (
+        "aligned rows the KD loss processes at once (CrossTokenizerKDLoss chunk_size): its memory is about rows x "
+        "(teacher + student vocabulary) x 4 bytes x ~10 live buffers; lower it if the loss runs out of memory, raise "
+        "it (256-1024) on a GPU for speed")})
     kd_weight: float = field(default=1.0, metadata={"help": "weight of the distillation loss (0: plain fine-tuning)"})
     ce_weight: float = field(default=1.0, metadata={"help": "weight of the student's own next-token cross-entropy"})
     max_length: int | None = field(default=None, metadata={"help": (
@@ -299,6 +304,9 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
         p = _number_problem(option, value, low=low, low_open=low_open)
         if p:
             add(p + ("" if option == "--temperature" else " (0 switches that term off)"))
+    p = check_int("--loss-block-rows", opts.loss_block_rows, low=1, high=1 << 20)
+    if p:
+        add(p)
     if opts.kd_weight == 0 and opts.ce_weight == 0:
         add("--kd-weight and --ce-weight are both 0: nothing to train; set at least one > 0")
     needs_teacher = not (isinstance(opts.kd_weight, (int, float)) and opts.kd_weight == 0)
