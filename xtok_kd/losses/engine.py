@@ -182,12 +182,12 @@ class _ChunkedKD(torch.autograd.Function):
         for c0, c1, m0, m1, n0, n1 in plan.blocks:
             with torch.enable_grad():
                 s_rows = plan.student_base[c0:c1]
-                s_base = s_flat[s_rows][:, :vs].to(cd)
+                s_base = s_flat[:, :vs][s_rows].to(cd)
                 s_base.requires_grad_(needs_grad)
                 s_factor = t_factor = s_scalar = None
                 if m1 > m0:
                     sc_rows = plan.student_scalar_row[m0:m1]
-                    s_scalar = s_flat[sc_rows][:, :vs].to(cd)
+                    s_scalar = s_flat[:, :vs][sc_rows].to(cd)
                     s_scalar.requires_grad_(needs_grad)
                     lp = _token_logp(s_scalar, plan.student_scalar_token[m0:m1], temp)
                     s_factor = lp.new_zeros(c1 - c0).index_add(0, plan.student_scalar_chunk[m0:m1] - c0, lp)
@@ -196,9 +196,9 @@ class _ChunkedKD(torch.autograd.Function):
                 t_sc_tok = plan.teacher_scalar_token[n0:n1]
                 t_base = ids_b = logp_b = None
                 if t_flat is not None:
-                    t_base = _take(t_flat, t_rows, dev)[:, :vt].to(cd)
+                    t_base = _take(t_flat[:, :vt], t_rows, dev).to(cd)  # one contiguous copy of the rows
                     if n1 > n0:
-                        t_scalar = _take(t_flat, t_sc_rows, dev)[:, :vt].to(cd)
+                        t_scalar = _take(t_flat[:, :vt], t_sc_rows, dev).to(cd)
                         lp_t = _token_logp(t_scalar, t_sc_tok, temp)
                 else:
                     ids_b, logp_b = _take(tk_ids, t_rows, dev), _take(tk_logp, t_rows, dev).to(cd)
