@@ -639,3 +639,22 @@ def test_nothing_to_align_is_a_connected_zero_with_topk_and_num_items(batch, kw)
         out = CrossTokenizerKDLoss(table=TABLE, **kw)(s, topk, al, student_input_ids=batch["student_ids"],
                                                       teacher_input_ids=batch["teacher_ids"])
         assert float(out.loss.detach()) == 0.0 and out.loss.requires_grad
+
+
+def test_shifted_log_normaliser_matches_logsumexp_including_overflow_and_infinities():
+    from xtok_kd.losses.mappings import _lse_shifted
+
+    torch.manual_seed(0)
+    u = torch.randn(6, 1000, dtype=torch.float64) * 5
+    support = torch.arange(0, 1000, 3)
+    shift = torch.logsumexp(u[:, support], -1)
+    u[1, 1] = shift[1] + 200.0  # a logit outside the support far above it: exp overflows, the row is redone
+    u[2, 2] = float("inf")  # +inf outside the support: the normaliser is +inf
+    u[3, support] = float("-inf")  # no mass on the support: the shift is -inf
+    shift = torch.logsumexp(u[:, support], -1)
+    got, want = _lse_shifted(u.clone(), shift), torch.logsumexp(u, -1)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert torch.allclose(got[finite], want[finite], rtol=0, atol=1e-12)
+    got32 = _lse_shifted(u.float(), shift.float())
+    assert torch.allclose(got32[finite].double(), want[finite], rtol=0, atol=1e-4)
