@@ -296,7 +296,11 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
     from ..integrations.data import source_problem
 
     problems: list[str] = []
-    add = problems.append
+
+    def add(problem: str | None) -> None:
+        if problem:
+            problems.append(problem)
+
     cache_manifest = None
     for option, value, low, low_open in (("--temperature", opts.temperature, 0.0, True),
                                          ("--kd-weight", opts.kd_weight, 0.0, False),
@@ -304,9 +308,7 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
         p = _number_problem(option, value, low=low, low_open=low_open)
         if p:
             add(p + ("" if option == "--temperature" else " (0 switches that term off)"))
-    p = check_int("--loss-block-rows", opts.loss_block_rows, low=1, high=1 << 20)
-    if p:
-        add(p)
+    add(check_int("--loss-block-rows", opts.loss_block_rows, low=1, high=1 << 20))
     if opts.kd_weight == 0 and opts.ce_weight == 0:
         add("--kd-weight and --ce-weight are both 0: nothing to train; set at least one > 0")
     needs_teacher = not (isinstance(opts.kd_weight, (int, float)) and opts.kd_weight == 0)
@@ -337,27 +339,19 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
         add("--teacher is missing: pass the teacher model (hub id, folder, .gguf file or 'smollm2'), or "
             "--teacher-cache DIR from `xtok-kd cache-teacher`, or --kd-weight 0 for plain fine-tuning")
     if opts.teacher is not None:
-        p = _model_problem(opts.teacher, option="--teacher")
-        if p:
-            add(p)
+        add(_model_problem(opts.teacher, option="--teacher"))
     if opts.teacher_tokenizer is not None:
-        p = tokenizer_problem(opts.teacher_tokenizer, role="--teacher-tokenizer: teacher")
-        if p:
-            add(p)
+        add(tokenizer_problem(opts.teacher_tokenizer, role="--teacher-tokenizer: teacher"))
     if opts.teacher_dtype not in DTYPES:
         add(f"--teacher-dtype {opts.teacher_dtype!r} is not one of {', '.join(DTYPES)}")
     if opts.teacher_top_k is not None:
-        p = check_int("--teacher-top-k", opts.teacher_top_k, low=1)
-        if p:
-            add(p)
+        add(check_int("--teacher-top-k", opts.teacher_top_k, low=1))
     # the student side
     if (opts.student is None) == (opts.student_config is None):
         add("pass exactly one of --student (a model to start from) and --student-config tiny (a new small model)"
             + ("; got both" if opts.student is not None else ""))
     if opts.student is not None:
-        p = _model_problem(opts.student, option="--student")
-        if p:
-            add(p)
+        add(_model_problem(opts.student, option="--student"))
         for option, value in (("--student-hidden-size", opts.student_hidden_size),
                               ("--student-layers", opts.student_layers)):
             if value is not None:
@@ -373,13 +367,9 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
             add(f"--student-hidden-size {hidden!r}: must be a multiple of 8 from 8 to 65536 (4 attention heads of an "
                 "even size)")
         if opts.student_layers is not None:
-            p = check_int("--student-layers", opts.student_layers, low=1, high=1024)
-            if p:
-                add(p)
+            add(check_int("--student-layers", opts.student_layers, low=1, high=1024))
     if opts.student_tokenizer is not None:
-        p = tokenizer_problem(opts.student_tokenizer, role="--student-tokenizer: student")
-        if p:
-            add(p)
+        add(tokenizer_problem(opts.student_tokenizer, role="--student-tokenizer: student"))
     if opts.student_dtype not in DTYPES:
         add(f"--student-dtype {opts.student_dtype!r} is not one of {', '.join(DTYPES)}")
     # data
@@ -388,13 +378,9 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
             add("--data is missing: pass a .txt, .jsonl or .json file, a folder of .txt files or a `datasets` name "
                 "(or --teacher-cache DIR, which holds its examples)")
         else:
-            p = source_problem(opts.data, option="--data")
-            if p:
-                add(p)
+            add(source_problem(opts.data, option="--data"))
     if opts.eval_data is not None:
-        p = source_problem(opts.eval_data, option="--eval-data")
-        if p:
-            add(p)
+        add(source_problem(opts.eval_data, option="--eval-data"))
     p = _number_problem("--eval-fraction", opts.eval_fraction, low=0.0, high=1.0, high_open=True)
     if p:
         add(p)
@@ -403,9 +389,7 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
     for option, value in (("--text-field", opts.text_field), ("--messages-field", opts.messages_field)):
         if not value:
             add(f"{option} is empty; pass the name of a row field")
-    p = check_int("--chars-per-example", opts.chars_per_example, low=1)
-    if p:
-        add(p)
+    add(check_int("--chars-per-example", opts.chars_per_example, low=1))
     # the loss and the collator
     if opts.mapping not in _mappings():
         add(f"--mapping {opts.mapping!r} is not one of {', '.join(_mappings())}")
@@ -421,22 +405,16 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
             add(f"--temperature {opts.temperature:g}: {top_k_source} gives temperature-1 log-probabilities; use "
                 "--temperature 1, or a live --teacher without --teacher-top-k")
     if opts.max_length is not None:
-        p = check_int("--max-length", opts.max_length, low=2)
-        if p:
-            add(p)
+        add(check_int("--max-length", opts.max_length, low=2))
     if opts.loss_on is not None and opts.loss_on not in LOSS_ON:
         add(f"--loss-on {opts.loss_on!r} is not one of {', '.join(LOSS_ON)}")
     # the output folder and resuming
     if output_dir is None:
         add("--output-dir is missing: pass the folder that gets the student (new, empty, or an earlier distill output)")
     else:
-        p = _output_problem(output_dir, overwrite=opts.overwrite_output_dir)
-        if p:
-            add(p)
+        add(_output_problem(output_dir, overwrite=opts.overwrite_output_dir))
     if resume_from_checkpoint:
-        p = _resume_problem(resume_from_checkpoint, output_dir)
-        if p:
-            add(p)
+        add(_resume_problem(resume_from_checkpoint, output_dir))
     return problems
 
 
