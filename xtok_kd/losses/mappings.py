@@ -14,16 +14,16 @@ per block; nothing here keeps state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from .divergences import LOG_FLOOR, DivergenceName, divergence
+from .types import Direction
 from .uld import sorted_l1, sorted_l1_topk
 
 __all__ = ["Block", "Direction", "hybrid_rows", "projection_rows", "teacher_logp", "uld_rows"]
 
-Direction = Literal["student_to_teacher", "teacher_to_student"]
 
 
 @dataclass

@@ -6,53 +6,19 @@ import functools
 import math
 import numbers
 from collections.abc import Mapping as MappingABC
-from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .divergences import DivergenceName, Reduction, check_num_items, check_option, check_temperature, reduce_rows
 from .engine import Merge, build_plan, chunked_loss
-from .mappings import Direction, hybrid_rows, projection_rows, uld_rows
+from .mappings import hybrid_rows, projection_rows, uld_rows
+from .types import Direction, KDLossOutput, TeacherTopK
 
 __all__ = ["CrossTokenizerKDLoss", "KDLossOutput", "Mapping", "TeacherTopK", "max_padding"]
 
 Mapping = Literal["projection", "uld", "hybrid"]
-
-
-class TeacherTopK(NamedTuple):
-    """A cached teacher: its ``k`` most likely next tokens per position (saves ``Vt / k`` of the memory).
-
-    Attributes:
-        ids: ``(B, Lt, k)`` integer token ids in ``[0, Vt)``. A negative id (``-1`` is the usual value) is an empty
-            slot: it carries no mass and its log-probability is ignored (treated as ``-inf``), so a row with empty
-            slots is the same as a row without them. An id ``>= Vt`` in a row the loss reads raises ``ValueError``
-            naming the id, the batch index, position and slot, and ``Vt`` (the cache is of another vocabulary).
-        logprobs: ``(B, Lt, k)`` their log-probabilities under the full softmax at temperature 1 (``<= 0``, their
-            probabilities summing to at most 1; ``-inf`` is a ruled-out token). NaN, ``+inf``, a positive value or a
-            sum of probabilities above 1 (raw logits, not log-probabilities) in a row the loss reads raise, as does an
-            id repeated within a row.
-    """
-
-    ids: torch.Tensor
-    logprobs: torch.Tensor
-
-
-@dataclass
-class KDLossOutput:
-    """Result of :class:`CrossTokenizerKDLoss`.
-
-    Attributes:
-        loss: scalar (``reduction`` mean/sum) or ``(K,)`` per aligned chunk (``none``).
-        metrics: plain floats: ``aligned_share`` (share of covered bytes inside chunks), ``dropped_chunks`` (chunks
-            with no aligned row on a side), ``chunks`` (chunks in the loss), and the mapping's means:
-            ``teacher_mass_mapped`` (projection), ``uld_bound`` (uld: the exact sorted L1 lies within this of the
-            top-k value, 0 when exact), ``teacher_mass_matched`` (hybrid).
-    """
-
-    loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def _as_long(x: Any, device: Any = None) -> torch.Tensor:
@@ -572,7 +538,7 @@ class CrossTokenizerKDLoss(nn.Module):
                                t_ref.shape[1], vt)
         if topk is not None:
             self._check_topk(topk, torch.cat([plan.teacher_base, plan.teacher_scalar_row]), t_ref.shape[1], vt)
-            topk = TeacherTopK(topk.ids, topk.logprobs.masked_fill(topk.ids < 0, float("-inf")))  # empty: no mass
+            topk = topk._replace(logprobs=topk.logprobs.masked_fill(topk.ids < 0, float("-inf")))  # empty: no mass
         block_fn, names = self._block_fn(vt, vs, device)
         losses, per_chunk = chunked_loss(
             student_logits, t_logits, None if topk is None else (topk.ids, topk.logprobs), plan,
