@@ -19,7 +19,7 @@ the training text (``write_teacher_cache``, top ``--teacher-top-k`` log-probabil
 student trains; otherwise it runs live beside the student (needed by ``--mapping hybrid``, which reads full logits).
 
 Memory (one 80 GB GPU, bf16): the 1.5B teacher ~3 GB, the 1B student with AdamW ~16 GB, plus activations and the
-loss's chunk buffers (``--chunk-size`` rows of 152k + 128k fp32 columns). Lower ``--batch-size`` and raise
+loss's chunk buffers (``--block-rows`` rows of 152k + 128k fp32 columns). Lower ``--batch-size`` and raise
 ``--grad-accum`` when short; the KD normalisation over the accumulated batch keeps the gradient the same.
 """
 
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mapping", default="projection", choices=MAPPINGS)
     ap.add_argument("--divergence", default="fkl", choices=DIVERGENCES)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--chunk-size", type=int, default=512, help="aligned rows per loss block (GPU memory)")
+    ap.add_argument("--block-rows", type=int, default=512, help="aligned rows per loss block (GPU memory)")
     ap.add_argument("--teacher-top-k", type=int, default=None,
                     help="live teacher: feed the loss its top-k (default: full logits)")
     ap.add_argument("--cache-teacher", action="store_true", help="run the teacher once and train from its top-k")
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--output-dir", default="distill_hub_output")
     args = ap.parse_args(argv)
     errors = [f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
-              for name in ("steps", "batch_size", "grad_accum", "max_length", "heldout", "chunk_size")
+              for name in ("steps", "batch_size", "grad_accum", "max_length", "heldout", "block_rows")
               if getattr(args, name) < 1]
     if args.mapping == "hybrid" and (args.cache_teacher or args.teacher_top_k):
         errors.append("--mapping hybrid reads the teacher's full logits: drop --cache-teacher / --teacher-top-k")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             kd_weight=kd_weight, teacher_top_k=args.teacher_top_k if live is not None else None,
             max_length=None if args.cache_teacher else args.max_length,
             loss_options={"mapping": args.mapping, "divergence": args.divergence,
-                          "temperature": args.temperature, "chunk_size": args.chunk_size} if kd_weight > 0 else None)
+                          "temperature": args.temperature, "block_rows": args.block_rows} if kd_weight > 0 else None)
         print(f"\n--- student: {label} ---", flush=True)
         trainer.train()
         trainer.save_model(str(out / label / "final"))

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
 
 from reference import ref_divergence
 from xtok_kd.losses import divergence, reduce_rows, token_kd_loss
-from xtok_kd.losses.divergences import LOG_FLOOR
+from xtok_kd.losses.divergences import DIVERGENCES, LOG_FLOOR, DivergenceName
 
+# The kinds reference.ref_divergence knows. "dkl" is left out deliberately: its own O(V^2) pairwise reference, its
+# equality with fkl and its knobs are tested in test_divergences_dkl.py; it joins the generic checks via ALL_KINDS.
 KINDS = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "symmetric_kl"]
+ALL_KINDS = [*KINDS, "dkl"]
+
+
+def test_kind_lists_cover_every_divergence():
+    assert sorted(ALL_KINDS) == sorted(get_args(DivergenceName)) == sorted(DIVERGENCES)
 
 
 def logp(*probs: float) -> torch.Tensor:
@@ -92,7 +100,7 @@ def test_random_rows_match_reference_values_and_gradients(kind):
     torch.testing.assert_close(g, gr, rtol=1e-8, atol=1e-11)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_zero_when_equal_and_nonnegative(kind):
     torch.manual_seed(2)
     t = torch.log_softmax(torch.randn(5, 31, dtype=torch.float64), -1)
@@ -104,7 +112,7 @@ def test_zero_when_equal_and_nonnegative(kind):
 def test_floor_columns_give_finite_values_and_gradients():
     t = logp(0.7, 0.3, 0.0)
     s = logp(0.2, 0.3, 0.5).requires_grad_()
-    for kind in ["jsd", "tvd", "skl", "srkl", "fkl"]:
+    for kind in ["jsd", "tvd", "skl", "srkl", "fkl", "dkl"]:
         val = divergence(t, s, kind=kind)
         (g,) = torch.autograd.grad(val.sum(), s)
         assert torch.isfinite(val).all() and torch.isfinite(g).all(), kind

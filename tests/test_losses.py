@@ -85,7 +85,7 @@ CASES = (
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_matches_float64_reference(batch, case):
-    out, g = run(batch, chunk_size=5, **case)
+    out, g = run(batch, block_rows=5, **case)
     ref, gr = reference(batch, **case)
     assert out.metrics["chunks"] > 20
     torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
@@ -111,8 +111,8 @@ def test_num_items_in_batch(batch):
                                   dict(mapping="hybrid", divergence="jsd", merge="bayesian"),
                                   dict(mapping="uld", top_k=3)], ids=str)
 def test_chunked_equals_unchunked_fp32(batch, case):
-    a, ga = run(batch, dtype=torch.float32, chunk_size=1, **case)
-    b, gb = run(batch, dtype=torch.float32, chunk_size=100_000, **case)
+    a, ga = run(batch, dtype=torch.float32, block_rows=1, **case)
+    b, gb = run(batch, dtype=torch.float32, block_rows=100_000, **case)
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-8)
     assert a.metrics == pytest.approx(b.metrics, rel=1e-5)
@@ -128,7 +128,7 @@ def test_gradcheck_engine(case):
     g = torch.Generator().manual_seed(1)
     teacher = torch.randn(1, lt, 11, dtype=torch.float64, generator=g)
     sid, tid = torch.randint(0, 9, (1, ls), generator=g), torch.randint(0, 11, (1, lt), generator=g)
-    loss = CrossTokenizerKDLoss(table=table, chunk_size=2, reduction="none", **case)
+    loss = CrossTokenizerKDLoss(table=table, block_rows=2, reduction="none", **case)
     student = torch.randn(1, ls, 9, dtype=torch.float64, generator=g, requires_grad=True)
     fn = lambda s: loss(s, teacher, al, student_input_ids=sid, teacher_input_ids=tid).loss  # noqa: E731
     assert fn(student).shape[0] >= 3
@@ -240,7 +240,7 @@ def test_teacher_topk_input(batch):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(mapping="sinkhorn"), "'projection', 'uld', 'hybrid'"),
+        (dict(mapping="wasserstein"), "'projection', 'uld', 'hybrid'"),
         (dict(divergence="kl"), "'fkl'"),
         (dict(merge="first"), "'none', 'observed', 'bayesian'"),
         (dict(reduction="batchmean"), "'mean', 'sum', 'none'"),
@@ -328,3 +328,64 @@ def test_minus_inf_is_probability_zero_where_defined(batch):
     s[int(rows.sample[2]), int(rows.student_row[2]), 4] = float("-inf")
     out = CrossTokenizerKDLoss(table=TABLE, mapping="uld")(s, batch["teacher"], batch["alignment"])
     assert torch.isfinite(out.loss)
+
+
+def test_chunk_size_is_a_deprecated_name_of_block_rows(batch):
+    with pytest.warns(FutureWarning, match="block_rows"):
+        old = CrossTokenizerKDLoss(table=TABLE, chunk_size=3)
+    assert old.block_rows == 3 and old.chunk_size == 3
+    new = CrossTokenizerKDLoss(table=TABLE, block_rows=3)
+    a = old(batch["student"], batch["teacher"], batch["alignment"]).loss
+    b = new(batch["student"], batch["teacher"], batch["alignment"]).loss
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="block_rows only"):
+        CrossTokenizerKDLoss(table=TABLE, chunk_size=3, block_rows=5)
+
+
+def test_a_new_mapping_is_one_class_and_one_registry_line(batch, monkeypatch):
+    """The protocol: a MappingMethod subclass registered in MAPPINGS runs through the module and the engine."""
+    from xtok_kd.losses.mappings import MAPPINGS
+    from xtok_kd.losses.mappings.base import MappingMethod
+
+    class MeanGap(MappingMethod):
+        name = "mean_gap"
+        metric_names = ("gap",)
+
+        def buffers(self, table, teacher_vocab_size, student_vocab_size):
+            return {"mean_gap_scale": torch.tensor(2.0)}
+
+        def rows(self, block, buffers):
+            s = torch.log_softmax(block.student_logits, -1).mean(-1)
+            t = torch.log_softmax(block.teacher_logits, -1).mean(-1)
+            gap = buffers["mean_gap_scale"] * (s - t) ** 2
+            return gap, {"gap": gap.detach()}
+
+    monkeypatch.setitem(MAPPINGS, "mean_gap", MeanGap)
+    loss = CrossTokenizerKDLoss(table=TABLE, mapping="mean_gap", reduction="none")
+    assert "mean_gap_scale" in dict(loss.named_buffers())
+    s = batch["student"].clone().requires_grad_(True)
+    out = loss(s, batch["teacher"], batch["alignment"])
+    rows = batch["alignment"].rows(s.device, only_loss=True)
+    b = rows.sample
+    s_row = torch.log_softmax(s[b, rows.student_first - 1, :VS].to(s.dtype), -1).mean(-1)
+    t_row = torch.log_softmax(batch["teacher"][b, rows.teacher_first - 1, :VT].to(s.dtype), -1).mean(-1)
+    want = 2.0 * (s_row - t_row) ** 2
+    torch.testing.assert_close(out.loss, want.detach(), rtol=1e-5, atol=1e-6)
+    out.loss.sum().backward()
+    ref = s.detach().clone().requires_grad_(True)
+    r = torch.log_softmax(ref[b, rows.student_first - 1, :VS].to(s.dtype), -1).mean(-1)
+    (2.0 * (r - t_row) ** 2).sum().backward()
+    torch.testing.assert_close(s.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    assert out.metrics["gap"] == pytest.approx(float(want.mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("mapping", ["projection", "hybrid"])
+def test_decoupled_kl_at_its_kl_setting_equals_fkl_through_the_loss(batch, mapping):
+    a, ga = run(batch, mapping=mapping, divergence="fkl")
+    b, gb = run(batch, mapping=mapping, divergence="dkl")
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-9)
+    c, _ = run(batch, mapping=mapping, divergence="dkl", dkl_weights=(1.0, 1.0))
+    assert float(c.loss) > float(a.loss)  # the pairwise term adds a non-negative amount
+    with pytest.raises(ValueError, match="dkl_weights applies to divergence='dkl'"):
+        CrossTokenizerKDLoss(table=TABLE, dkl_weights=(1.0, 1.0))

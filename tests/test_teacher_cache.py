@@ -83,6 +83,24 @@ def _shard_hashes(path):
     return [s["sha256"] for s in json.loads((path / "manifest.json").read_text())["shards"]]
 
 
+def _next_token_reference(logits, input_ids, attention_mask, vocab):
+    """``log_softmax(logits)`` at each next input id, computed directly: 0 where i + 1 is not attended or past L."""
+    full = torch.log_softmax(logits[..., :vocab].double(), -1)
+    ref = torch.zeros(input_ids.shape, dtype=torch.float64)
+    mask = attention_mask.bool()
+    for b in range(input_ids.shape[0]):
+        for i in range(input_ids.shape[1] - 1):
+            if mask[b, i] and mask[b, i + 1]:
+                ref[b, i] = full[b, i, input_ids[b, i + 1]]
+    return ref
+
+
+def _set_version(path, version):
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["version"] = version
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_teacher_topk_cuts_padding_and_clamps_k():
     logits = torch.randn(2, 3, 10, dtype=torch.bfloat16)
     ids, lps = teacher_topk(logits, 4, vocab_size=7)
@@ -92,6 +110,33 @@ def test_teacher_topk_cuts_padding_and_clamps_k():
     assert teacher_topk(logits, 50, vocab_size=7)[0].shape == (2, 3, 7)
     with pytest.raises(ValueError, match="10 columns but vocab_size is 12"):
         teacher_topk(logits, 4, vocab_size=12)
+
+
+def test_teacher_topk_gives_next_token_logprobs_where_the_mask_reads():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 10, dtype=torch.bfloat16)
+    input_ids = torch.randint(0, 7, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    input_ids[1, 3:] = 9  # padding ids outside the vocabulary are never read
+    ids, lps, nxt = teacher_topk(logits, 4, vocab_size=7, input_ids=input_ids, attention_mask=mask)
+    assert nxt.shape == (3, 5) and nxt.dtype == torch.float32
+    plain = teacher_topk(logits, 4, vocab_size=7)
+    assert len(plain) == 2 and torch.equal(plain[0], ids) and torch.equal(plain[1], lps)  # unchanged without ids
+    ref = _next_token_reference(logits, input_ids, mask, 7)
+    assert torch.allclose(nxt.double(), ref, atol=1e-6)
+    assert bool((ref[1, 2:] == 0).all()) and bool((nxt[1, 2:] == 0).all()) and bool((nxt[2] == 0).all())
+    hits = (ids[:, :-1] == input_ids[:, 1:, None]) & mask[:, :-1, None].bool() & mask[:, 1:, None].bool()
+    b, i, j = hits.nonzero(as_tuple=True)
+    assert len(b) and torch.equal(nxt[b, i], lps[b, i, j])  # a next token inside the top-k has its top-k value exactly
+    unmasked = teacher_topk(logits, 4, vocab_size=7, input_ids=input_ids.clamp(max=6))[2]
+    assert torch.equal(unmasked[0], nxt[0]) and unmasked[1, 3] != 0 and bool((unmasked[:, -1] == 0).all())
+    with pytest.raises(ValueError, match=r"input_ids\[0, 2\] = 8 is not a teacher id in \[0, 7\)"):
+        teacher_topk(logits, 4, vocab_size=7, input_ids=input_ids.index_put((torch.tensor(0), torch.tensor(2)),
+                                                                            torch.tensor(8)))
+    with pytest.raises(ValueError, match=r"input_ids must be a \(B, L\) = \(3, 5\) integer tensor"):
+        teacher_topk(logits, 4, input_ids=input_ids[:, :4])
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        teacher_topk(logits, 4, input_ids=input_ids, attention_mask=mask[:2])
 
 
 def test_round_trip_equals_live_teacher_exactly(cache_dir, teacher, qwen, mistral, collator):
@@ -105,7 +150,10 @@ def test_round_trip_equals_live_teacher_exactly(cache_dir, teacher, qwen, mistra
         batch = collator([EXAMPLES[i] for i in rows])
         with torch.no_grad():
             logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
-        ids, lps = teacher_topk(logits, K, qwen.vocab_size)
+        ids, lps, nxt = teacher_topk(logits, K, qwen.vocab_size, input_ids=batch["teacher_input_ids"],
+                                     attention_mask=batch["teacher_attention_mask"])
+        ref = _next_token_reference(logits, batch["teacher_input_ids"], batch["teacher_attention_mask"],
+                                    qwen.vocab_size)
         for b, i in enumerate(rows):
             n = int(batch["teacher_attention_mask"][b].sum())
             row = cache[i]
@@ -114,7 +162,15 @@ def test_round_trip_equals_live_teacher_exactly(cache_dir, teacher, qwen, mistra
             assert np.array_equal(row["teacher_input_ids_cached"], batch["teacher_input_ids"][b, :n].numpy())
             assert np.array_equal(row["teacher_topk_ids"], ids[b, :n].numpy())
             assert np.array_equal(row["teacher_topk_logprobs"], lps[b, :n].numpy())  # bit-identical
-    assert cache[8]["teacher_topk_ids"].shape == (0, K) and cache[-1]["id"] == "long"
+            cached_next = row["teacher_next_token_logprobs"]
+            assert cached_next.dtype == np.float32 and cached_next.shape == (n,)
+            assert np.array_equal(cached_next, nxt[b, :n].numpy())  # bit-identical
+            # log_softmax(teacher logits) at the next input id, in padded batches too; 0 at the last token
+            assert np.allclose(cached_next, ref[b, :n].numpy(), atol=1e-5, rtol=0)
+            assert n == 0 or (cached_next[-1] == 0 and bool((cached_next[:-1] < 0).all()))
+    assert any(int(m.sum()) < m.shape[0] for m in collator([EXAMPLES[i] for i in range(3)])["teacher_attention_mask"])
+    assert cache[8]["teacher_topk_ids"].shape == (0, K) and cache[8]["teacher_next_token_logprobs"].shape == (0,)
+    assert cache[-1]["id"] == "long"
     clone = pickle.loads(pickle.dumps(cache))  # DataLoader workers: open shard handles are not carried over
     assert np.array_equal(clone[5]["teacher_topk_logprobs"], cache[5]["teacher_topk_logprobs"])
     with pytest.raises(IndexError):
@@ -125,18 +181,25 @@ def test_collate_pads_and_loss_equals_live_teacher(cache_dir, teacher, qwen, mis
     cache = TeacherCache(cache_dir, verify=False)
     rows = [cache[i] for i in (0, 8, 9, 10)]  # a text, an empty text, a chat, a truncated text
     batch = collator(rows)
-    ids, lps = collate_teacher_topk(rows, batch["teacher_input_ids"], batch["teacher_attention_mask"])
+    ids, lps, nxt = collate_teacher_topk(rows, batch["teacher_input_ids"], batch["teacher_attention_mask"])
     mask = batch["teacher_attention_mask"].bool()
     assert ids.shape == lps.shape == (*mask.shape, K) and ids.dtype == torch.int64 and lps.dtype == torch.float32
     assert bool((ids[~mask] == -1).all()) and bool(torch.isinf(lps[~mask]).all()) and bool((lps[~mask] < 0).all())
     assert bool((ids[mask] >= 0).all()) and not mask[1].any() and mask[3].all()
+    assert nxt.shape == mask.shape and nxt.dtype == torch.float32 and bool((nxt[~mask] == 0).all())
     with torch.no_grad():
         logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
-    live = TeacherTopK(*teacher_topk(logits, K, qwen.vocab_size))
+    live = TeacherTopK(*teacher_topk(logits, K, qwen.vocab_size, input_ids=batch["teacher_input_ids"],
+                                     attention_mask=batch["teacher_attention_mask"]))
+    # the collated cache gives what the live teacher gives on this batch, zeros (never read) in the same places
+    assert torch.allclose(nxt, live.next_token_logprobs, atol=1e-5, rtol=0)
+    assert torch.equal(nxt == 0, live.next_token_logprobs == 0)
+    ref = _next_token_reference(logits, batch["teacher_input_ids"], batch["teacher_attention_mask"], qwen.vocab_size)
+    assert torch.allclose(nxt.double(), ref, atol=1e-5, rtol=0)
     loss = CrossTokenizerKDLoss(teacher=qwen, student=mistral)
     torch.manual_seed(1)
     student_logits = torch.randn(*batch["student_input_ids"].shape, 32000)
-    cached = loss(student_logits, TeacherTopK(ids, lps), batch).loss
+    cached = loss(student_logits, TeacherTopK(ids, lps, nxt), batch).loss
     reference = loss(student_logits, live, batch).loss
     assert torch.isfinite(cached) and abs(float(cached) - float(reference)) <= 1e-5
 
@@ -171,7 +234,7 @@ def test_resume_keeps_finished_shards_and_matches_an_uninterrupted_run(cache_dir
     assert fw.calls == 0 and _shard_hashes(out) == _shard_hashes(cache_dir) and len(TeacherCache(out)) == 11
 
 
-@pytest.mark.parametrize("damage", ["truncate", "corrupt", "delete", "arrays"])
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "delete", "arrays", "no_next_token"])
 def test_damaged_shard_is_refused_then_rebuilt(cache_dir, teacher, write, tmp_path, damage):
     from safetensors.numpy import load_file, save_file
 
@@ -189,13 +252,16 @@ def test_damaged_shard_is_refused_then_rebuilt(cache_dir, teacher, write, tmp_pa
         shard.unlink()
     else:  # a well-formed file whose arrays do not fit its manifest entry (size and sha256 updated to match)
         arrays = load_file(shard)
-        arrays["topk_ids"] = arrays["topk_ids"][:, :4].copy()
+        if damage == "arrays":
+            arrays["topk_ids"] = arrays["topk_ids"][:, :4].copy()
+        else:  # a version-1 shard
+            del arrays["next_token_logprobs"]
         save_file(arrays, shard)
         manifest = json.loads((out / "manifest.json").read_text())
         manifest["shards"][1].update(bytes=shard.stat().st_size, sha256=_sha256(shard))
         (out / "manifest.json").write_text(json.dumps(manifest))
     want = {"truncate": "bytes but the manifest says", "corrupt": "corrupt: its sha256", "delete": "is missing",
-            "arrays": "arrays .* disagree with the manifest"}[damage]
+            "arrays": "arrays .* disagree with the manifest", "no_next_token": "cannot be read"}[damage]
     with pytest.raises(ValueError, match=rf"shard-00001\.safetensors.*{want}.*cache-teacher.*same options"):
         TeacherCache(out)
     with Forwards(teacher) as fw:
@@ -211,6 +277,49 @@ def test_corrupt_manifest_is_refused(cache_dir, tmp_path):
         TeacherCache(out)
     with pytest.raises(ValueError, match="has no manifest.json"):
         TeacherCache(tmp_path)
+
+
+def test_a_version_1_cache_is_refused_and_rebuilt_with_overwrite(cache_dir, write, teacher, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(cache_dir, out)
+    _set_version(out, 1)
+    want = (r"manifest\.json' has format version 1; this xtok_kd reads version 2 \(version 2 adds the teacher's "
+            r"log-probability of each next token\)\. Fix: rebuild the cache with `xtok-kd cache-teacher \.\.\. -o "
+            rf"{out}.*--overwrite`")
+    with pytest.raises(ValueError, match=want):
+        TeacherCache(out)
+    with Forwards(teacher) as fw, pytest.raises(ValueError, match=want):
+        write(out)  # its shards are not resumed, and it is replaced on request only
+    assert fw.calls == 0 and json.loads((out / "manifest.json").read_text())["version"] == 1
+    with Forwards(teacher) as fw:
+        write(out, overwrite=True)
+    assert fw.calls == 5 and _shard_hashes(out) == _shard_hashes(cache_dir) and len(TeacherCache(out)) == 11
+
+
+def test_trainer_batches_carry_the_next_token_logprobs(cache_dir, teacher, qwen, collator):
+    from types import SimpleNamespace
+
+    from xtok_kd.integrations.trainer import (
+        CrossTokenizerKDTrainer,
+        DistillationCollator,
+    )
+
+    cache = TeacherCache(cache_dir, verify=False)
+    rows = [cache[i] for i in (0, 8, 9, 10)]
+    batch = DistillationCollator(collator)(rows)
+    ids, lps, nxt = collate_teacher_topk(rows, batch["teacher_input_ids"], batch["teacher_attention_mask"])
+    assert torch.equal(batch["teacher_next_token_logprobs"], nxt)
+    from_cache = CrossTokenizerKDTrainer._teacher_input(SimpleNamespace(teacher=None), batch)
+    assert isinstance(from_cache, TeacherTopK) and torch.equal(from_cache.next_token_logprobs, nxt)
+    assert torch.equal(from_cache.ids, ids) and torch.equal(from_cache.logprobs, lps)
+    plain = collator([EXAMPLES[i] for i in (0, 8, 9, 10)])
+    assert "teacher_next_token_logprobs" not in plain
+    live_trainer = SimpleNamespace(teacher=teacher, teacher_top_k=K, teacher_view=qwen)
+    live = CrossTokenizerKDTrainer._teacher_input(live_trainer, plain)
+    assert live.next_token_logprobs.shape == nxt.shape and torch.allclose(live.next_token_logprobs, nxt, atol=1e-5)
+    assert torch.equal(live.ids[batch["teacher_attention_mask"].bool()], ids[batch["teacher_attention_mask"].bool()])
+    full = CrossTokenizerKDTrainer._teacher_input(SimpleNamespace(teacher=teacher, teacher_top_k=None), plain)
+    assert isinstance(full, torch.Tensor) and full.shape[:2] == nxt.shape  # the full-logits path is unchanged
 
 
 def test_check_pair_names_both_fingerprints(cache_dir, qwen, mistral, gpt2):
@@ -299,6 +408,10 @@ def test_cli_writes_a_readable_cache_and_refuses_other_settings(model_dir, tmp_p
     assert np.allclose(row["teacher_topk_logprobs"], lps[0].numpy(), atol=1e-5)
     code, _, err = _cli([*argv[:-1], "--top-k", 5], capsys)
     assert code == 2 and "top_k: cache 4, now 5" in err and "--overwrite" in err
+    _set_version(out, 1)
+    code, _, err = _cli(argv, capsys)
+    assert code == 2 and "format version 1; this xtok_kd reads version 2" in err
+    assert f"xtok-kd cache-teacher ... -o {out} --overwrite" in err
 
 
 def test_cli_reports_every_bad_option_and_writes_nothing(tmp_path, capsys):

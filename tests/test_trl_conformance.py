@@ -89,7 +89,7 @@ def trl_loss(inputs, module) -> tuple[torch.Tensor, torch.Tensor]:
 def ours(inputs, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     student = inputs["student"].clone().requires_grad_()
     loss = CrossTokenizerKDLoss(merge="observed", reduction="none", teacher_vocab_size=inputs["vt"],
-                                student_vocab_size=inputs["vs"], chunk_size=16, **kw)
+                                student_vocab_size=inputs["vs"], block_rows=16, **kw)
     out = loss(student, inputs["teacher"], inputs["alignment"], student_input_ids=inputs["s_ids"],
                teacher_input_ids=inputs["t_ids"])
     sample = torch.as_tensor(inputs["alignment"].rows(only_loss=True).sample)

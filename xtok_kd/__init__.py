@@ -22,6 +22,7 @@ _EXPORTS = {
     "align_tokens": "xtok_kd.sequence",
     "CrossTokenizerCollator": "xtok_kd.data",
     "VocabAlignment": "xtok_kd.vocab",
+    "get_or_build": "xtok_kd.vocab",
     "CrossTokenizerKDLoss": "xtok_kd.losses",
     "KDLossOutput": "xtok_kd.losses",
     "TeacherTopK": "xtok_kd.losses",

@@ -24,7 +24,8 @@ _MEMORY_FLAGS = ("lower --batch-size (a rerun with another batch size resumes th
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache-teacher", help="run a teacher once over a data file and save its top-k for distillation",
                        description="Run the teacher model over the examples of --data and save, per token, its top-k "
-                                   "next-token log-probabilities in a resumable, self-contained cache folder.")
+                                   "next-token log-probabilities and the log-probability of the actual next token in "
+                                   "a resumable, self-contained cache folder.")
     p.add_argument("--teacher", required=True,
                    help="teacher model: hub id, folder saved with save_pretrained, .gguf file, or 'smollm2'")
     p.add_argument("--teacher-tokenizer", default=None,
@@ -47,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                    "float16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a cache made with other settings (a folder that is not a cache is never replaced)")
+                   help="replace a cache made with other settings or an older format version (a folder that is "
+                        "not a cache is never replaced)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -158,6 +160,11 @@ def run(args: argparse.Namespace) -> int:
                            "--teacher-tokenizer") from None
     out = Path(args.output)
     if (out / "manifest.json").is_file() and not args.overwrite:  # refuse other settings before loading the model
+        from ..teacher_cache.format import stored_version, version_message
+
+        found = stored_version(out)
+        if found is not None:
+            raise CliError(version_message(out, found))
         try:
             manifest = tc.read_manifest(out)
         except ValueError:
@@ -192,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"cache: {out} ({len(manifest['shards'])} shards of {shards / 1e6:.1f} MB; {size / 1e6:.1f} MB on disk with "
           "the teacher tokenizer)")
     print(f"examples: {manifest['num_examples']:,}" + (f" (skipped: {why})" if why else ""))
-    print(f"tokens: {manifest['tokens']:,} teacher tokens, top-{manifest['k']} log-probabilities each")
+    print(f"tokens: {manifest['tokens']:,} teacher tokens, top-{manifest['k']} log-probabilities each (and the "
+          "next token's)")
     print(f"teacher: {args.teacher} [{teacher.fingerprint}] {teacher.vocab_size:,} ids on {device}, dtype "
           f"{next(iter(model.parameters())).dtype}; student tokenizer: {student.name} [{student.fingerprint}]")
     print(f"time: load {loaded - start:.1f} s, teacher {done - loaded:.1f} s")

@@ -303,7 +303,7 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
             return control
 
     loss_options = ({"mapping": opts.mapping, "divergence": opts.divergence, "temperature": opts.temperature,
-                     "chunk_size": opts.loss_block_rows}
+                     "block_rows": opts.loss_block_rows}
                     if kd else None)  # --kd-weight 0: no KD term, no table
     with _memory_guard("building the trainer"):
         trainer = CrossTokenizerKDTrainer(

@@ -98,7 +98,7 @@ class DistillArguments:
         "divergence: fkl, rkl, jsd, tvd, skl, srkl, akl, symmetric_kl")})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of both models in the KD loss"})
     loss_block_rows: int = field(default=32, metadata={"help": (
-        "aligned rows the KD loss processes at once (CrossTokenizerKDLoss chunk_size): its memory is about rows x "
+        "aligned rows the KD loss processes at once (CrossTokenizerKDLoss block_rows): its memory is about rows x "
         "(teacher + student vocabulary) x 4 bytes x ~10 live buffers; lower it if the loss runs out of memory, raise "
         "it (256-1024) on a GPU for speed")})
     kd_weight: float = field(default=1.0, metadata={"help": "weight of the distillation loss (0: plain fine-tuning)"})

@@ -46,7 +46,9 @@ class DistillationCollator:
     mid-epoch; rows from a teacher cache also get their top-k padded into the batch.
 
     Batch keys added to the collator's: ``skipped_examples`` (int), and with cache rows ``teacher_topk_ids``
-    ``(B, Lt, k)`` int64 (``-1``: empty slot) and ``teacher_topk_logprobs`` ``(B, Lt, k)`` float32.
+    ``(B, Lt, k)`` int64 (``-1``: empty slot), ``teacher_topk_logprobs`` ``(B, Lt, k)`` float32 and
+    ``teacher_next_token_logprobs`` ``(B, Lt)`` float32 (the teacher's log-probability of its next input token; 0
+    where not read).
 
     Raises:
         ValueError: every row of a batch is invalid (the message names each row's problem).
@@ -83,8 +85,11 @@ class DistillationCollator:
         if "teacher_topk_ids" in rows[0]:
             from ..teacher_cache import collate_teacher_topk
 
-            ids, logprobs = collate_teacher_topk(rows, batch["teacher_input_ids"], batch["teacher_attention_mask"])
+            ids, logprobs, next_lp = collate_teacher_topk(rows, batch["teacher_input_ids"],
+                                                          batch["teacher_attention_mask"])
             batch["teacher_topk_ids"], batch["teacher_topk_logprobs"] = ids, logprobs
+            if next_lp is not None:
+                batch["teacher_next_token_logprobs"] = next_lp
         return batch
 
 
@@ -258,7 +263,8 @@ class CrossTokenizerKDTrainer(Trainer):
     # ------------------------------------------------------------------ the loss
     def _teacher_input(self, inputs: Mapping[str, Any]) -> torch.Tensor | TeacherTopK:
         if "teacher_topk_ids" in inputs:
-            return TeacherTopK(inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"])
+            return TeacherTopK(inputs["teacher_topk_ids"], inputs["teacher_topk_logprobs"],
+                               inputs.get("teacher_next_token_logprobs"))
         if self.teacher is None:
             raise ValueError("this batch has no cached teacher top-k and the trainer has no teacher_model")
         if self.teacher.training:  # something called .train() on it: dropout would make the targets noisy
@@ -271,7 +277,9 @@ class CrossTokenizerKDTrainer(Trainer):
             return logits
         from ..teacher_cache import teacher_topk
 
-        return TeacherTopK(*teacher_topk(logits, self.teacher_top_k, self.teacher_view.vocab_size))
+        return TeacherTopK(*teacher_topk(logits, self.teacher_top_k, self.teacher_view.vocab_size,
+                                         input_ids=inputs["teacher_input_ids"],
+                                         attention_mask=inputs["teacher_attention_mask"]))
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | None = None) -> Any:

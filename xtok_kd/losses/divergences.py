@@ -8,10 +8,11 @@ Zeros: a log-probability of ``-inf`` (a ruled-out token, e.g. a banned token's `
 accepted on either side, and ``0 * log 0 = 0``: no NaN in values or gradients. Columns outside a support may also
 carry the finite floor :data:`LOG_FLOOR` (``exp`` of it is exactly 0 in fp32 and fp64). Where the mathematics is
 infinite the value is ``+inf``: forward KL where ``q = 0 < p``, reverse KL where ``p = 0 < q``, hence symmetric KL,
-and AKL when the infinite side has a positive weight. Such a row's infinite terms are constants: they contribute
-nothing to the gradient, which stays finite (the loss engine gives an infinite chunk no gradient at all). JSD, TVD
-and skew KL / skew reverse KL with ``alpha > 0`` are always finite. The common all-finite case takes one fused kernel;
-rows with zeros are recomputed on a masked path only when the fast value is not finite. NaN inputs give NaN.
+AKL when the infinite side has a positive weight, and DKL where ``q = 0 < p``. Such a row's infinite terms are
+constants: they contribute nothing to the gradient, which stays finite (the loss engine gives an infinite chunk no
+gradient at all). JSD, TVD and skew KL / skew reverse KL with ``alpha > 0`` are always finite. The common all-finite
+case takes one fused kernel; rows with zeros are recomputed on a masked path only when the fast value is not finite.
+NaN inputs give NaN.
 
 Rows need not sum to 1 (GOLD's merged chunk distributions do not); the formulas are applied as written. Inputs are
 used in their own dtype: the loss engine hands fp32 (fp64 for fp64 logits).
@@ -19,7 +20,9 @@ used in their own dtype: the loss engine hands fp32 (fp64 for fp64 logits).
 Which to choose: forward KL is mode-covering and the usual KD default; reverse KL is mode-seeking (on-policy
 distillation, MiniLLM); JSD(beta) and TVD are bounded and robust to disjoint supports; skew KL / skew reverse KL
 (DistiLLM, alpha=0.1) keep a mixture in the log so they never blow up; AKL (Wu et al., 2024) adapts the
-forward/reverse mix to where the two distributions differ; symmetric KL is forward plus reverse.
+forward/reverse mix to where the two distributions differ; symmetric KL is forward plus reverse; decoupled KL (DKL,
+Cui et al., 2024) is forward KL at its default ``dkl_weights=(0, 1)`` and, with a positive first weight, adds a
+teacher-weighted MSE of pairwise log-probability gaps that pulls the student's whole log-ratio profile into line.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ __all__ = [
     "DIVERGENCES",
     "LOG_FLOOR",
     "akl",
+    "check_dkl_weights",
     "check_num_items",
     "check_option",
     "check_temperature",
     "divergence",
+    "dkl",
     "fkl",
     "jsd",
     "reduce_rows",
@@ -50,7 +55,7 @@ __all__ = [
     "tvd",
 ]
 
-DivergenceName = Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "symmetric_kl"]
+DivergenceName = Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "symmetric_kl", "dkl"]
 Reduction = Literal["mean", "sum", "none"]
 
 #: Log-probability given to columns outside a distribution's support: finite, and ``exp`` of it is exactly 0.
@@ -81,7 +86,7 @@ def _kl_terms_safe(a_logp: torch.Tensor, b_logp: torch.Tensor) -> torch.Tensor:
 
     Masked before the arithmetic (never ``0 * inf``), so the gradient is finite everywhere; the ``+inf`` entries are
     constants."""
-    a_zero = a_logp == float("-inf")
+    a_zero = a_logp <= LOG_FLOOR  # -inf, or the floor that marks a column outside the support: probability 0
     b_zero = b_logp == float("-inf")
     terms = a_logp.exp() * (a_logp.masked_fill(a_zero, 0.0) - b_logp.masked_fill(b_zero, 0.0))
     return terms.masked_fill(a_zero, 0.0).masked_fill(b_zero & ~a_zero, float("inf"))
@@ -232,6 +237,109 @@ def akl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, *, mu: float = 0
     return out.masked_fill((inf_f & (w_head > 0)) | (inf_r & (w_tail > 0)), float("inf"))
 
 
+def check_dkl_weights(dkl_weights: Any) -> tuple[float, float]:
+    """``dkl_weights`` as ``(wmse, ce)`` floats; ``ValueError`` naming the value unless it is two finite real
+    numbers >= 0, not both 0."""
+    ok = isinstance(dkl_weights, (tuple, list)) and len(dkl_weights) == 2
+    if not ok:
+        raise ValueError(f"dkl_weights must be a pair (wmse_weight, ce_weight), got {dkl_weights!r}")
+    for name, w in zip(("wmse_weight", "ce_weight"), dkl_weights):
+        real = isinstance(w, numbers.Real) and not isinstance(w, bool)
+        if not (real and math.isfinite(float(w)) and float(w) >= 0):
+            raise ValueError(
+                f"dkl_weights {name} must be a finite number >= 0, got {w!r} in dkl_weights={dkl_weights!r}"
+            )
+    wmse, ce = float(dkl_weights[0]), float(dkl_weights[1])
+    if wmse == 0.0 and ce == 0.0:
+        raise ValueError(f"dkl_weights must not both be 0 (the loss would be identically 0), got {dkl_weights!r}")
+    return wmse, ce
+
+
+def _weighted_pair_mse(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """``1/4 sum_{j,k} S(p_j p_k) (d_j - d_k)^2`` per row with ``d = teacher_logp - student_logp``, in O(V).
+
+    Expanded: ``1/2 [(sum_j w_j)(sum_j w_j e_j^2) - (sum_j w_j e_j)^2]`` with ``w = S(p)`` and ``e = d - c``. The
+    expression is exactly invariant to the shift ``c``, so ``c`` is the detached weighted mean of ``d``: that keeps
+    the two sums from cancelling catastrophically (``d`` is ~1e4 on a :data:`LOG_FLOOR` column the teacher uses) and
+    changes neither the value nor the gradient. Columns with ``p = 0`` (``-inf`` or the floor) have weight 0 and drop
+    out; a column with ``q = 0 < p`` makes the row ``+inf``, a constant added to the finite part (whose gradient is
+    kept, as the KL rows keep theirs).
+    """
+    w = teacher_logp.detach().exp()
+    d = teacher_logp - student_logp
+    total = w.sum(-1, keepdim=True)
+    tiny = torch.finfo(w.dtype).tiny
+    c = ((w * d).sum(-1, keepdim=True) / total.clamp_min(tiny)).detach()
+    e = d - c
+    out = 0.5 * (total[:, 0] * (w * e * e).sum(-1) - (w * e).sum(-1) ** 2)
+    if _finite(out):
+        return out
+    p_zero = w == 0
+    q_zero = student_logp == float("-inf")
+    drop = p_zero | q_zero
+    w = w.masked_fill(drop, 0.0)
+    d = teacher_logp.masked_fill(drop, 0.0) - student_logp.masked_fill(drop, 0.0)
+    total = w.sum(-1, keepdim=True)
+    c = ((w * d).sum(-1, keepdim=True) / total.clamp_min(tiny)).detach()
+    e = d - c
+    out = 0.5 * (total[:, 0] * (w * e * e).sum(-1) - (w * e).sum(-1) ** 2)
+    infinite = (q_zero & ~p_zero).any(-1)
+    return out + torch.zeros_like(out).masked_fill(infinite, float("inf"))
+
+
+def dkl(
+    teacher_logp: torch.Tensor,
+    student_logp: torch.Tensor,
+    *,
+    dkl_weights: tuple[float, float] = (0.0, 1.0),
+) -> torch.Tensor:
+    """Decoupled KL (Cui et al., NeurIPS 2024, "Decoupled Kullback-Leibler Divergence Loss"). ``(N, V), (N, V) ->
+    (N,)``.
+
+    With ``t = teacher_logp``, ``s = student_logp``, ``p = exp(t)``, ``S`` = stop-gradient (detach) and
+    ``(alpha, beta) = dkl_weights`` (the paper's names; ``alpha`` weighs the wMSE, ``beta`` the cross-entropy)::
+
+        DKL = alpha * 1/4 * sum_{j,k} S(p_j p_k) ((t_j - t_k) - (s_j - s_k))^2      (wMSE of pairwise gaps)
+            + beta  * sum_j S(p_j) (S(t_j) - s_j)                                   (soft-label CE - teacher entropy)
+
+    computed in O(V) per row (the pairwise sum expanded, never a ``V x V`` tensor). Differences of log-probabilities
+    are differences of logits, so the first term is the paper's wMSE on logits. The second is the paper's soft-label
+    cross-entropy ``-sum_j S(p_j) s_j`` plus the teacher's entropy, a constant: its gradient is the cross-entropy's and
+    its value is ``KL(p || q)``.
+
+    Relation to the paper: the paper proves *gradient* equivalence only, ``grad KL == grad DKL`` at ``alpha = beta =
+    1`` with the student's gaps in the wMSE detached (``S(s_j - s_k)``): the wMSE then feeds only the teacher's logits
+    and the cross-entropy only the student's; its DKL *value* is not KL's (it adds the wMSE and the teacher's entropy).
+    With a frozen teacher (distillation) that wMSE is inert, the asymmetry the paper points out; its IKL therefore
+    lets the gradient reach the student's gaps, as here. So here the KL-equivalent setting is ``dkl_weights = (0, 1)``
+    (the default): it equals :func:`fkl` exactly in value and in the student's gradient (the same kernel, teacher
+    detached). With ``alpha > 0`` the student also gets the wMSE's gradient, ``-alpha * p_v (e_v - E_p[e])`` w.r.t.
+    its logits (``e = t - s``, rows summing to 1), and the teacher's logits get ``alpha`` times forward KL's teacher
+    gradient (the paper's theorem, teacher side); the teacher gets none at ``alpha = 0``. IKL's other change,
+    class-wise global weights (teacher probabilities averaged over a class), is not implemented: the weights are the
+    row's own teacher probabilities.
+
+    For rows summing to 1 the wMSE is ``1/2 Var_p(t - s) >= 0``, zero exactly where ``q`` is proportional to ``p`` on
+    the teacher's support, so DKL >= 0 and is 0 for identical inputs. Unnormalised rows: both sums are applied as
+    written (the wMSE stays >= 0; the second term is forward KL's formula, as :func:`fkl`). Zeros: where ``q = 0 < p``
+    the value is ``+inf`` with a finite gradient, as forward KL; columns with ``p = 0`` drop out of the wMSE, and of
+    the second term exactly as they do of :func:`fkl` (which, note, also gives ``+inf`` for a teacher at
+    :data:`LOG_FLOOR` against a student's ``-inf``).
+
+    Args:
+        teacher_logp / student_logp: ``(N, V)`` log-probabilities on the same columns.
+        dkl_weights: ``(alpha, beta)``, finite, ``>= 0``, not both 0; ``(0, 1)`` is forward KL.
+    """
+    wmse_weight, ce_weight = check_dkl_weights(dkl_weights)
+    parts = []  # at least one: check_dkl_weights rules out (0, 0)
+    if ce_weight:
+        kl = _kl_rows(teacher_logp.detach(), student_logp)
+        parts.append(kl if ce_weight == 1.0 else ce_weight * kl)
+    if wmse_weight:
+        parts.append(wmse_weight * _weighted_pair_mse(teacher_logp, student_logp))
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
 DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
     "fkl": fkl,
     "rkl": rkl,
@@ -241,6 +349,7 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
     "srkl": srkl,
     "akl": akl,
     "symmetric_kl": symmetric_kl,
+    "dkl": dkl,
 }
 
 
@@ -252,18 +361,21 @@ def divergence(
     beta: float = 0.5,
     alpha: float = 0.1,
     mu: float = 0.5,
+    dkl_weights: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """Per-row divergence ``kind`` between teacher and student log-probabilities (same support).
 
     Args:
         teacher_logp / student_logp: ``(N, V)`` log-probabilities; columns outside a support hold :data:`LOG_FLOOR`.
-        kind: one of ``fkl, rkl, jsd, tvd, skl, srkl, akl, symmetric_kl``.
-        beta: JSD weight; alpha: skew of ``skl``/``srkl``; mu: AKL head mass. Ignored by the others.
+        kind: one of ``fkl, rkl, jsd, tvd, skl, srkl, akl, symmetric_kl, dkl``.
+        beta: JSD weight; alpha: skew of ``skl``/``srkl``; mu: AKL head mass; dkl_weights: DKL's ``(wmse, ce)``
+            weights (``(0, 1)`` is forward KL; validated whatever ``kind``). Ignored by the others.
 
     Returns:
         ``(N,)`` values in the inputs' dtype.
     """
     check_option("divergence", kind, DivergenceName)
+    dkl_weights = check_dkl_weights(dkl_weights)
     if teacher_logp.shape != student_logp.shape:
         raise ValueError(
             f"teacher_logp {tuple(teacher_logp.shape)} and student_logp {tuple(student_logp.shape)} must have the "
@@ -275,6 +387,8 @@ def divergence(
         return DIVERGENCES[kind](teacher_logp, student_logp, alpha=alpha)
     if kind == "akl":
         return akl(teacher_logp, student_logp, mu=mu)
+    if kind == "dkl":
+        return dkl(teacher_logp, student_logp, dkl_weights=dkl_weights)
     return DIVERGENCES[kind](teacher_logp, student_logp)
 
 
@@ -333,6 +447,7 @@ def token_kd_loss(
     beta: float = 0.5,
     alpha: float = 0.1,
     mu: float = 0.5,
+    dkl_weights: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """Plain token-level KD for models sharing one tokenizer (materialises ``(N, V)``; the same-vocabulary baseline).
 
@@ -345,11 +460,13 @@ def token_kd_loss(
         divergence_name: see :func:`divergence`; temperature ``T``: finite, ``> 0``; ``scale_by_temperature_sq``
             multiplies by ``T^2``.
         reduction / num_items_in_batch: see :func:`reduce_rows`.
+        beta / alpha / mu / dkl_weights: the divergence's knobs, see :func:`divergence`.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
     temperature = check_temperature(temperature)
     check_num_items(num_items_in_batch)
+    check_dkl_weights(dkl_weights)
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     s = student_logits.reshape(-1, student_logits.shape[-1]).to(dtype)
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).to(dtype)
@@ -358,7 +475,7 @@ def token_kd_loss(
         s, t = s[keep], t[keep]
     values = divergence(
         torch.log_softmax(t / temperature, -1), torch.log_softmax(s / temperature, -1),
-        kind=divergence_name, beta=beta, alpha=alpha, mu=mu,
+        kind=divergence_name, beta=beta, alpha=alpha, mu=mu, dkl_weights=dkl_weights,
     )
     if bool(torch.isnan(values).any()):
         for name, x in (("teacher", t), ("student", s)):

@@ -2,15 +2,17 @@
 
 The loss of a chunk depends only on its own logits rows: the aligned row, plus, with a merge strategy, the rows
 that predict the chunk's other tokens. Chunks are disjoint token ranges, so every logits row belongs to at most one
-chunk. The engine walks the chunks in blocks of about ``chunk_size`` rows; for each block it gathers the rows
+chunk. The engine walks the chunks in blocks of about ``block_rows`` rows; for each block it gathers the rows
 (casting to fp32, or fp64 for fp64 logits), runs the mapping under autograd, takes the gradient with respect to the
 block's student rows at once and frees the block's vocabulary-sized buffers before the next block. It keeps one
 ``(R, Vs)`` gradient per used student row (``R <= B * Ls``), the size of the rows the loss reads. In the backward
 each row's gradient is scaled by the upstream gradient of its chunk's loss, which makes any reduction exact.
 
-Peak memory is therefore ``O(chunk_size * (Vt + Vs))`` plus the stored row gradients, independent of batch and
-length, never ``batch x length x vocabulary x vocabulary``. A chunk longer than ``chunk_size`` tokens forms a block
-alone. The teacher is a constant: no gradient flows to teacher logits (they may live on another device: their rows
+Peak memory is therefore ``O(block_rows * (Vt + Vs))`` plus the stored row gradients, independent of batch and
+length, never ``batch x length x vocabulary x vocabulary``. A chunk longer than ``block_rows`` tokens forms a block
+alone. :func:`chunked_kd` is the one entry point: it plans the blocks, checks the tokens the plan reads, and runs
+any mapping (an object with ``rows(block, buffers)``, ``metric_names``, ``needs_loglik`` and ``plan_merge``; see
+:mod:`xtok_kd.losses.mappings.base`) without knowing which one it is. The teacher is a constant: no gradient flows to teacher logits (they may live on another device: their rows
 are gathered there and moved). Double backward is not supported.
 
 Values: ``-inf`` logits are ruled-out tokens and never make a loss NaN; a chunk whose divergence is genuinely ``+inf``
@@ -22,15 +24,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 
-from .mappings import Block
+from .block import Block
+from .options import Merge
+from .types import TeacherTopK
 
-__all__ = ["Merge", "Plan", "build_plan", "chunked_loss"]
-
-Merge = Literal["none", "observed", "bayesian"]
+__all__ = ["Plan", "build_plan", "chunked_kd"]
 
 #: Token probabilities entering a chunk merge are floored at this value (as GOLD does), so a log never reaches -inf.
 MERGE_PROB_FLOOR = 1e-8
@@ -43,7 +45,8 @@ class Plan:
     ``*_base`` ``(K,)``: the row whose distribution the mapping compares (the aligned row; with ``bayesian`` merge the
     row predicting the chunk's last token). ``*_scalar_row``/``_token``/``_chunk`` ``(M,)``: the rows predicting the
     chunk's other tokens, the actual token ids, the owning chunk (sorted). ``blocks``: per block, ``[start, end)`` of
-    its chunks, then of its student scalar rows, then of its teacher scalar rows.
+    its chunks, then of its student scalar rows, then of its teacher scalar rows. ``*_base_token`` ``(K,)``: the
+    token the base row predicts (the chunk's first token with ``observed`` merge), or None when not asked for.
     """
 
     num_chunks: int
@@ -56,6 +59,8 @@ class Plan:
     teacher_scalar_token: torch.Tensor
     teacher_scalar_chunk: torch.Tensor
     blocks: list[tuple[int, int, int, int, int, int]]
+    student_base_token: torch.Tensor | None = None
+    teacher_base_token: torch.Tensor | None = None
 
 
 def _side(
@@ -83,11 +88,14 @@ def build_plan(
     merge: Merge,
     student_length: int,
     teacher_length: int,
-    chunk_size: int,
+    block_rows: int,
     student_input_ids: torch.Tensor | None = None,
     teacher_input_ids: torch.Tensor | None = None,
+    base_tokens: bool = False,
 ) -> Plan:
-    """A :class:`Plan` from :class:`~xtok_kd.sequence.AlignedRows` (vectorised; no loop over chunks)."""
+    """A :class:`Plan` from :class:`~xtok_kd.sequence.AlignedRows` (vectorised; no loop over chunks).
+
+    ``base_tokens``: also read the token each base row predicts (needs the input ids; ``merge`` none/observed)."""
     s_base, s_row, s_tok, s_chunk = _side(rows.sample, rows.student_first, rows.student_count, student_length,
                                           student_input_ids, merge)
     t_base, t_row, t_tok, t_chunk = _side(rows.sample, rows.teacher_first, rows.teacher_count, teacher_length,
@@ -98,7 +106,7 @@ def build_plan(
     else:
         cost = torch.maximum(rows.student_count, rows.teacher_count).long().cpu()
     before = torch.cumsum(cost, 0) - cost
-    block_id = before // chunk_size
+    block_id = before // block_rows
     opens = torch.ones(k, dtype=torch.bool)
     opens[1:] = block_id[1:] != block_id[:-1]
     starts = torch.nonzero(opens).flatten().tolist()  # one int per block, not per chunk
@@ -107,7 +115,13 @@ def build_plan(
     t_edges = torch.searchsorted(t_chunk.cpu(), edges).tolist()
     blocks = [(starts[i], (starts + [k])[i + 1], s_edges[i], s_edges[i + 1], t_edges[i], t_edges[i + 1])
               for i in range(len(starts))]
-    return Plan(k, s_base, t_base, s_row, s_tok, s_chunk, t_row, t_tok, t_chunk, blocks)
+    plan = Plan(k, s_base, t_base, s_row, s_tok, s_chunk, t_row, t_tok, t_chunk, blocks)
+    if base_tokens:
+        if student_input_ids is None or teacher_input_ids is None or merge == "bayesian":
+            raise ValueError("the chunk likelihoods need both sides' input ids and merge 'none' or 'observed'")
+        plan.student_base_token = student_input_ids[rows.sample, rows.student_first].long()
+        plan.teacher_base_token = teacher_input_ids[rows.sample, rows.teacher_first].long()
+    return plan
 
 
 def _check_rows(x: torch.Tensor, flat_rows: torch.Tensor, length: int, side: str) -> None:
@@ -158,6 +172,29 @@ class _Spec:
     student_length: int
     teacher_length: int
     temperature: float
+    needs_loglik: bool = False
+    teacher_next_logp: torch.Tensor | None = None  # (B * Lt,) a top-k teacher's log-prob of its own next token
+
+
+def _logliks(spec: _Spec, block: Block, t_rows: torch.Tensor, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each chunk's log-likelihood on both sides: the base row's log-probability of the chunk's first token plus the
+    merge factor (the chunk's later tokens); a top-k teacher reads its own next-token log-probabilities."""
+    plan, temp = spec.plan, spec.temperature
+    if plan.student_base_token is None or plan.teacher_base_token is None:
+        raise ValueError("chunk likelihoods need a plan with base tokens")
+    s_ll = _token_logp(block.student_logits, plan.student_base_token[c0:c1], temp)
+    if block.teacher_logits is not None:
+        t_ll = _token_logp(block.teacher_logits, plan.teacher_base_token[c0:c1], temp)
+    elif spec.teacher_next_logp is not None:
+        t_ll = _take(spec.teacher_next_logp, t_rows, s_ll.device).to(s_ll.dtype).clamp_min(math.log(MERGE_PROB_FLOOR))
+    else:
+        raise ValueError("this mapping needs the teacher's log-probability of its own next tokens: pass a TeacherTopK "
+                         "with next_token_logprobs (a teacher cache of format 2 has them), or the full teacher logits")
+    if block.student_factor is not None:
+        s_ll = s_ll + block.student_factor
+    if block.teacher_factor is not None:
+        t_ll = t_ll + block.teacher_factor
+    return s_ll, t_ll.detach()
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -202,13 +239,17 @@ class _ChunkedKD(torch.autograd.Function):
                         lp_t = _token_logp(t_scalar, t_sc_tok, temp)
                 else:
                     ids_b, logp_b = _take(tk_ids, t_rows, dev), _take(tk_logp, t_rows, dev).to(cd)
-                    if n1 > n0:
+                    if n1 > n0 and spec.teacher_next_logp is not None:  # exact: the teacher's own next-token log-probs
+                        lp_t = _take(spec.teacher_next_logp, t_sc_rows, dev).to(cd).clamp_min(math.log(MERGE_PROB_FLOOR))
+                    elif n1 > n0:
                         hit = _take(tk_ids, t_sc_rows, dev) == t_sc_tok[:, None]
                         lp_t = _take(tk_logp, t_sc_rows, dev).to(cd).masked_fill(~hit, float("-inf")).amax(-1)
                         lp_t = lp_t.clamp_min(math.log(MERGE_PROB_FLOOR))
                 if n1 > n0:
                     t_factor = lp_t.new_zeros(c1 - c0).index_add(0, plan.teacher_scalar_chunk[n0:n1] - c0, lp_t)
                 block = Block(s_base, t_base, ids_b, logp_b, vt, s_factor, t_factor, temp)
+                if spec.needs_loglik:
+                    block.student_loglik, block.teacher_loglik = _logliks(spec, block, t_rows, c0, c1)
                 loss_b, met_b = spec.block_fn(block)
                 # -inf logits are ruled-out tokens: a divergence may be +inf (genuinely), never NaN. NaN in the block's
                 # loss or metrics comes from a NaN / +inf logit or a row of -inf only: find it and say where.
@@ -263,28 +304,78 @@ class _ChunkedKD(torch.autograd.Function):
         return out.view(shape), None, None, None, None
 
 
-def chunked_loss(
+def _where(flat: int, length: int) -> str:
+    return f"batch {flat // length}, position {flat % length}"
+
+
+def _check_tokens(name: str, tokens: torch.Tensor, rows: torch.Tensor, length: int, vocab: int,
+                  shift: int = 1) -> None:
+    """Tokens the plan reads (the ids predicted by ``rows``) must lie in ``[0, vocab)``."""
+    bad = (tokens < 0) | (tokens >= vocab)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        flat = int(rows[i]) + shift  # the row predicting the token is the position before it
+        raise ValueError(f"{name} holds token id {int(tokens[i])} at {_where(flat, length)}, outside the "
+                         f"vocabulary [0, {vocab}); merge and chunk likelihoods read the ids of every token inside a "
+                         "chunk: pass the input ids the model read (not labels with -100)")
+
+
+def chunked_kd(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None,
-    plan: Plan,
+    teacher: torch.Tensor | TeacherTopK,
+    rows: Any,
     *,
-    block_fn: Callable[[Block], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-    metric_names: tuple[str, ...],
+    mapping: Any,
+    buffers: dict[str, Any],
+    merge: Merge,
+    block_rows: int,
     student_width: int,
     teacher_width: int,
     temperature: float,
+    student_input_ids: torch.Tensor | None = None,
+    teacher_input_ids: torch.Tensor | None = None,
+    check_teacher_rows: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-chunk losses ``(K,)`` and metrics ``(K, len(metric_names))`` computed block by block.
+    """Per-chunk losses ``(K,)`` and metrics ``(K, len(mapping.metric_names))``, computed block by block.
 
     Args:
         student_logits: ``(B, Ls, >= student_width)``; differentiable.
-        teacher_logits: ``(B, Lt, >= teacher_width)``, or None with ``teacher_topk = (ids, logp)`` ``(B, Lt, k)``.
-        plan: from :func:`build_plan`.
-        block_fn: a mapping from :mod:`xtok_kd.losses.mappings` with its options bound.
+        teacher: ``(B, Lt, >= teacher_width)`` logits, or a :class:`~xtok_kd.losses.TeacherTopK` ``(B, Lt, k)``
+            (empty slots already at ``-inf``).
+        rows: :class:`~xtok_kd.sequence.AlignedRows` of the chunks in the loss.
+        mapping: a :class:`~xtok_kd.losses.mappings.base.MappingMethod`; ``buffers`` its tensors on this device.
+        merge: chunk merge (the mapping's ``plan_merge`` overrides it); ``block_rows``: aligned rows per block.
         student_width / teacher_width: vocabulary widths; wider logits are sliced to them before any softmax.
+        student_input_ids / teacher_input_ids: ``(B, >= L)`` ids; needed by a merge and by chunk likelihoods.
+        check_teacher_rows: called with the flat teacher rows the plan reads (validates a top-k teacher there).
     """
-    ids, logp = teacher_topk if teacher_topk is not None else (None, None)
-    spec = _Spec(plan, block_fn, metric_names, student_width, teacher_width, student_logits.shape[1],
-                 (teacher_logits if teacher_logits is not None else ids).shape[1], temperature)
-    return _ChunkedKD.apply(student_logits, teacher_logits, ids, logp, spec)
+    merge = mapping.plan_merge or merge
+    topk = teacher if isinstance(teacher, TeacherTopK) else None
+    t_ref = topk.ids if topk is not None else teacher
+    dev = student_logits.device
+    plan = build_plan(
+        rows, merge=merge, student_length=student_logits.shape[1], teacher_length=t_ref.shape[1],
+        block_rows=block_rows,
+        student_input_ids=None if student_input_ids is None else student_input_ids.to(dev),
+        teacher_input_ids=None if teacher_input_ids is None else teacher_input_ids.to(dev),
+        base_tokens=bool(mapping.needs_loglik),
+    )
+    if merge != "none":
+        _check_tokens("student_input_ids", plan.student_scalar_token, plan.student_scalar_row,
+                      student_logits.shape[1], student_width)
+        _check_tokens("teacher_input_ids", plan.teacher_scalar_token, plan.teacher_scalar_row, t_ref.shape[1],
+                      teacher_width)
+    if mapping.needs_loglik:
+        _check_tokens("student_input_ids", plan.student_base_token, plan.student_base, student_logits.shape[1],
+                      student_width)
+        _check_tokens("teacher_input_ids", plan.teacher_base_token, plan.teacher_base, t_ref.shape[1], teacher_width)
+    if check_teacher_rows is not None:
+        check_teacher_rows(torch.cat([plan.teacher_base, plan.teacher_scalar_row]))
+    next_logp = None
+    if topk is not None and topk.next_token_logprobs is not None:
+        next_logp = topk.next_token_logprobs.reshape(-1)
+    spec = _Spec(plan, lambda block: mapping.rows(block, buffers), tuple(mapping.metric_names), student_width,
+                 teacher_width, student_logits.shape[1], t_ref.shape[1], temperature,
+                 needs_loglik=bool(mapping.needs_loglik), teacher_next_logp=next_logp)
+    ids, logp = (topk.ids, topk.logprobs) if topk is not None else (None, None)
+    return _ChunkedKD.apply(student_logits, None if topk is not None else teacher, ids, logp, spec)

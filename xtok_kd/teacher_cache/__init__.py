@@ -1,5 +1,7 @@
 """Teacher top-k cache: run the teacher once, distill from its saved top-k many times.
 
+Format version 2 (version 1 lacked ``next_token_logprobs``; it is refused, with the command that rebuilds it).
+
 A cache is a folder::
 
     manifest.json              format, version, settings (tokenizer fingerprints, top_k, max_length, loss_on,
@@ -9,6 +11,7 @@ A cache is a folder::
         input_ids (T,) int32          each example's unpadded teacher ids (as the collator makes them), concatenated
         topk_ids (T, k) int32         the teacher's k most likely next tokens at each position
         topk_logprobs (T, k) float32  their log-probabilities (full softmax, temperature 1)
+        next_token_logprobs (T,) float32  the log-probability of the example's own next token (0 at its last)
         offsets (E+1,) int64          example e's tokens are rows [offsets[e], offsets[e+1])
         examples (J,) uint8           each example as UTF-8 JSON, concatenated; example_offsets (E+1,) int64
     teacher_tokenizer/         the teacher's tokenizer: distilling from the cache needs no teacher at all

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-FORMAT, VERSION = "xtok_kd.teacher_cache", 1
+FORMAT, VERSION = "xtok_kd.teacher_cache", 2  # 2: shards add next_token_logprobs
 MANIFEST, TOKENIZER_DIR, LOCK = "manifest.json", "teacher_tokenizer", ".cache-teacher.lock"
 _OURS = re.compile(r"^(manifest\.json|teacher_tokenizer|shard-\d{5,}\.safetensors|\.cache-teacher\.lock"
                    r"|\..*\.xtok-tmp-.*|\.teacher_tokenizer\.tmp-.*)$", re.DOTALL)
@@ -103,8 +103,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{str(file)!r} is not a teacher-cache manifest (no format {FORMAT!r})")
     if manifest.get("version") != VERSION:
-        raise ValueError(f"{str(file)!r} has format version {manifest.get('version')!r}; this xtok_kd reads version "
-                         f"{VERSION}: rebuild the cache with this version (--overwrite)")
+        raise ValueError(version_message(path, manifest.get("version")))
     keys = ("file", "start", "stop", "tokens", "bytes", "sha256")
     shards = manifest.get("shards")
     if not (isinstance(shards, list) and all(isinstance(e, dict) and all(k in e for k in keys) for e in shards)
@@ -112,6 +111,25 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             and all(isinstance(manifest.get(f"{side}_tokenizer"), dict) for side in ("teacher", "student"))):
         raise ValueError(f"{str(file)!r} is corrupt (missing or malformed fields); {_FIX}")
     return manifest
+
+
+def version_message(path: str | os.PathLike[str], found: Any) -> str:
+    """Why the cache ``path`` of format version ``found`` is not read, and the command that rebuilds it."""
+    why = " (version 2 adds the teacher's log-probability of each next token)" if found == 1 else ""
+    return (f"{str(Path(path) / MANIFEST)!r} has format version {found!r}; this xtok_kd reads version {VERSION}{why}. "
+            f"Fix: rebuild the cache with `xtok-kd cache-teacher ... -o {path} --overwrite` (or write_teacher_cache("
+            "..., overwrite=True))")
+
+
+def stored_version(path: str | os.PathLike[str]) -> Any:
+    """The format version of the cache ``path`` when it is a teacher cache of another version than ours, else None."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT and manifest.get("version") != VERSION:
+        return manifest.get("version")
+    return None
 
 
 def cache_dir_problem(path: str | os.PathLike[str]) -> str | None:
@@ -161,7 +179,8 @@ def _shard_problem(path: Path, entry: Mapping[str, Any], k: int, *, verify: bool
 
     examples, tokens = entry["stop"] - entry["start"], entry["tokens"]
     want = {"input_ids": ("I32", [tokens]), "topk_ids": ("I32", [tokens, k]), "topk_logprobs": ("F32", [tokens, k]),
-            "offsets": ("I64", [examples + 1]), "example_offsets": ("I64", [examples + 1])}
+            "next_token_logprobs": ("F32", [tokens]), "offsets": ("I64", [examples + 1]),
+            "example_offsets": ("I64", [examples + 1])}
     try:
         with safe_open(str(file), "numpy") as f:
             got = {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape())) for name in want}

@@ -20,7 +20,9 @@ class TeacherCache(torch.utils.data.Dataset):
     """A finished teacher cache as a dataset: row ``i`` is example ``i`` with its cached teacher top-k.
 
     ``cache[i]`` is ``{**example, "teacher_input_ids_cached": (n,) int64, "teacher_topk_ids": (n, k) int64,
-    "teacher_topk_logprobs": (n, k) float32}`` (numpy arrays, n = the example's teacher tokens after truncation).
+    "teacher_topk_logprobs": (n, k) float32, "teacher_next_token_logprobs": (n,) float32}`` (numpy arrays, n = the
+    example's teacher tokens after truncation; ``teacher_next_token_logprobs[j]`` is the teacher's log-probability
+    of ``teacher_input_ids_cached[j + 1]``, 0 at ``j = n - 1``).
     Shards are read lazily (memory-mapped slices of at most ``max_open_shards`` open files).
 
     Args:
@@ -29,7 +31,8 @@ class TeacherCache(torch.utils.data.Dataset):
         verify: check every shard's sha256 on open (sizes and array shapes are always checked).
 
     Raises:
-        ValueError: no or a corrupt manifest; an unfinished cache; a missing, truncated, corrupt or inconsistent
+        ValueError: no or a corrupt manifest; a cache of another format version (naming the command that
+            rebuilds it); an unfinished cache; a missing, truncated, corrupt or inconsistent
             shard (naming the file and how to resume or rebuild); a tokenizer pair the cache was not made for.
     """
 
@@ -123,9 +126,12 @@ class TeacherCache(torch.utils.data.Dataset):
             ids = handle.get_slice("input_ids")[a:b].astype(np.int64)
             top = handle.get_slice("topk_ids")[a:b].astype(np.int64)
             lps = handle.get_slice("topk_logprobs")[a:b]
+            nxt = handle.get_slice("next_token_logprobs")[a:b]
         else:
             ids, top, lps = np.zeros(0, np.int64), np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        return {**example, "teacher_input_ids_cached": ids, "teacher_topk_ids": top, "teacher_topk_logprobs": lps}
+            nxt = np.zeros(0, np.float32)
+        return {**example, "teacher_input_ids_cached": ids, "teacher_topk_ids": top, "teacher_topk_logprobs": lps,
+                "teacher_next_token_logprobs": nxt}
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers: open handles are not picklable
         return {**self.__dict__, "_open": OrderedDict()}

@@ -30,6 +30,8 @@ from .format import (
     cache_settings,
     read_manifest,
     settings_mismatch,
+    stored_version,
+    version_message,
 )
 from .topk import teacher_topk
 
@@ -58,8 +60,11 @@ def _start(out: Path, settings: dict[str, Any], *, overwrite: bool, resume: bool
     problem = cache_dir_problem(out)
     if problem is not None:
         raise ValueError(problem)
+    found = stored_version(out)
+    if found is not None and not overwrite:  # its shards lack arrays this version needs: replaced on request only
+        raise ValueError(version_message(out, found))
     try:
-        old = read_manifest(out) if (out / MANIFEST).is_file() else None
+        old = read_manifest(out) if (out / MANIFEST).is_file() and found is None else None
     except ValueError as err:
         logger.warning("xtok_kd: %s; rebuilding the cache", err)
         old = None
@@ -95,9 +100,10 @@ def _start(out: Path, settings: dict[str, Any], *, overwrite: bool, resume: bool
 
 def _run_shard(model: Any, collator: Any, examples: Sequence[Mapping[str, Any]], first: int, *, batch_size: int,
                k: int, vocab: int, bar: Any, caught: list[str]) -> dict[str, np.ndarray]:
-    """Teacher ids and top-k of ``examples`` (the ones at ``first``...), concatenated (see the module docstring)."""
+    """Teacher ids, top-k and next-token log-probs of ``examples`` (the ones at ``first``...), concatenated (see the
+    module docstring)."""
     device = next(iter(model.parameters())).device
-    ids, top, lps, lengths = [], [], [], []
+    ids, top, lps, nxt, lengths = [], [], [], [], []
     for a in range(0, len(examples), batch_size):
         chunk = examples[a:a + batch_size]
         with warnings.catch_warnings(record=True) as seen:
@@ -112,17 +118,19 @@ def _run_shard(model: Any, collator: Any, examples: Sequence[Mapping[str, Any]],
         if t_ids.shape[1]:
             with torch.no_grad():
                 logits = model(input_ids=t_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-                b_top, b_lp = teacher_topk(logits, k, vocab)
+                b_top, b_lp, b_next = teacher_topk(logits, k, vocab, input_ids=t_ids, attention_mask=mask)
                 del logits
-            b_top, b_lp = b_top.cpu(), b_lp.cpu()
+            b_top, b_lp, b_next = b_top.cpu(), b_lp.cpu(), b_next.cpu()
         for b, length in enumerate(n):
             ids.append(t_ids[b, :length].numpy())
             top.append(b_top[b, :length].numpy() if length else np.zeros((0, k), np.int64))
             lps.append(b_lp[b, :length].numpy() if length else np.zeros((0, k), np.float32))
+            nxt.append(b_next[b, :length].numpy() if length else np.zeros(0, np.float32))
             lengths.append(length)
         bar.update(len(chunk))
     return {"input_ids": np.concatenate(ids).astype(np.int32), "topk_ids": np.concatenate(top).astype(np.int32),
             "topk_logprobs": np.ascontiguousarray(np.concatenate(lps), dtype=np.float32),
+            "next_token_logprobs": np.ascontiguousarray(np.concatenate(nxt), dtype=np.float32),
             "offsets": np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)}
 
 
@@ -151,11 +159,12 @@ def write_teacher_cache(
     batch_size: int = 8, shard_size: int = 1024, teacher_name: str | None = None, progress: bool = True,
     resume: bool = True, overwrite: bool = False,
 ) -> Path:
-    """Run ``teacher_model`` over ``examples`` once and save its top-k next-token log-probabilities.
+    """Run ``teacher_model`` over ``examples`` once and save its top-k next-token log-probabilities, and the
+    log-probability of each actual next token.
 
     The teacher ids are the :class:`~xtok_kd.CrossTokenizerCollator`'s (same ``max_length`` and ``loss_on``), so
     :func:`collate_teacher_topk` can check them at training time. The teacher runs in eval mode, without gradients,
-    on its own device and dtype; its top-k is :func:`teacher_topk` of its logits.
+    on its own device and dtype; its values are :func:`teacher_topk` of its logits and input ids.
 
     Args:
         teacher_model: a causal LM (``model(input_ids=, attention_mask=).logits`` is ``(B, L, >= Vt)``).
@@ -166,11 +175,12 @@ def write_teacher_cache(
         batch_size: examples per teacher forward; shard_size: examples per shard file.
         teacher_name: recorded in the manifest. progress: a tqdm bar over examples.
         resume: keep the verified shards of an interrupted cache made with the same settings (False: recompute).
-        overwrite: replace a cache made with other settings (a folder that is not a cache is never replaced).
+        overwrite: replace a cache made with other settings or by another format version (a folder that is not
+            a cache is never replaced).
 
     Returns:
-        ``output_dir`` as a Path. Raises ValueError for bad arguments, a cache of other settings, a folder that is
-        not a cache, or another process writing the same folder.
+        ``output_dir`` as a Path. Raises ValueError for bad arguments, a cache of other settings or format version
+        (without ``overwrite``), a folder that is not a cache, or another process writing the same folder.
     """
     from filelock import FileLock, Timeout
     from tqdm.auto import tqdm
