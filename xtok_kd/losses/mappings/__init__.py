@@ -6,6 +6,7 @@ Adding a mapping: write ``mappings/<name>.py`` with a :class:`~.base.MappingMeth
 
 from __future__ import annotations
 
+from .alm import AlmMapping
 from .base import MappingMethod
 from .hybrid import HybridMapping, hybrid_rows
 from .projection import ProjectionMapping, projection_rows
@@ -17,4 +18,5 @@ MAPPINGS: dict[str, type[MappingMethod]] = {
     "projection": ProjectionMapping,
     "uld": UldMapping,
     "hybrid": HybridMapping,
+    "alm": AlmMapping,
 }
