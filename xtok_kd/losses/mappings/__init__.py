@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .alm import AlmMapping
 from .base import MappingMethod
+from .cdm import CdmMapping
 from .hybrid import HybridMapping, hybrid_rows
 from .projection import ProjectionMapping, projection_rows
 from .uld import UldMapping, uld_rows
@@ -19,4 +20,5 @@ MAPPINGS: dict[str, type[MappingMethod]] = {
     "uld": UldMapping,
     "hybrid": HybridMapping,
     "alm": AlmMapping,
+    "cdm": CdmMapping,
 }
