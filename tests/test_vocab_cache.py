@@ -153,3 +153,35 @@ def test_bad_options_fail_before_loading_tokenizers(monkeypatch):
     for kwargs in ({"neighbours": -1}, {"window": 0}, {"neighbours": "4"}, {"window": True}):
         with pytest.raises(ValueError, match="must be an int"):
             cache.get_or_build("gpt2", "mistral", **kwargs)
+
+
+# ---------------------------------------------------------------------- tables of an older format version
+def test_stale_version_1_entries_are_never_used(tmp_path, monkeypatch, caplog):
+    from xtok_kd.tokenizer import load_tokenizer
+    from xtok_kd.vocab import FORMAT_VERSION, VocabAlignment, get_or_build
+    from xtok_kd.vocab.cache import cache_path
+
+    from test_vocab_table import write_v1_table
+
+    monkeypatch.setenv("XTOK_KD_CACHE", str(tmp_path))
+    teacher, student = load_tokenizer(tokenizer_path("gpt2")), load_tokenizer(tokenizer_path("mistral"))
+    old = VocabAlignment.build(teacher, student, neighbours=1, progress=False)
+    path = cache_path(teacher.fingerprint, student.fingerprint, neighbours=1, window=8)
+    assert f"-v{FORMAT_VERSION}-" in path.name
+    # what xtok_kd 0.1.0 left in the cache: its own name, with v1 in it
+    v1_entry = path.with_name(path.name.replace(f"-v{FORMAT_VERSION}-", "-v1-"))
+    v1_bytes = open(write_v1_table(old, v1_entry), "rb").read()
+    # and a v1 file under this version's name (copied there by hand, or a key without the version)
+    write_v1_table(old, path)
+    with caplog.at_level(logging.INFO, logger="xtok_kd.vocab"):
+        table = get_or_build(teacher, student, neighbours=1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "rebuilding" in warnings[0] and "format version 1" in warnings[0]
+    assert table.metadata["format_version"] == FORMAT_VERSION
+    assert VocabAlignment.load(path, teacher, student).metadata == table.metadata  # replaced by a v2 table
+    assert v1_entry.read_bytes() == v1_bytes  # the old entry is left as it is
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, v1_entry.name])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="xtok_kd.vocab"):
+        again = get_or_build(teacher, student, neighbours=1)
+    assert "using cached" in caplog.text and again.metadata == table.metadata

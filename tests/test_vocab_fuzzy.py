@@ -39,6 +39,17 @@ def test_small_window_finds_close_variants():
     assert cands[ids[1, 0]] == "Bureau"
 
 
+def test_small_window_finds_an_accent_changed_in_the_middle():
+    # distractors between the two spellings in the plain and the reversed sort orders
+    cands = [" distancia", " difference"] + [f" dista{c}{i:03d}" for c in "nopqrstu" for i in range(20)]
+    cands += [f" {i:03d}{c}ancia" for c in "uvwxyz" for i in range(20)]
+    cands += [f" diff{c}{i:03d}" for c in "fghijklm" for i in range(20)]
+    cands += [f" {i:03d}{c}rence" for c in "fghijk" for i in range(20)]
+    ids, scores = nearest_neighbours([" distância", " différence"], cands, k=1, window=4)
+    assert [cands[i] for i in ids[:, 0]] == [" distancia", " difference"]
+    assert scores[0, 0] == np.float32(0.9) and scores[1, 0] == np.float32(1 - 1 / 11)
+
+
 def test_token_strings_keep_stray_bytes_distinct():
     s = token_strings([b"\xe4\xbd", "你".encode(), b"a"])
     assert s[1] == "你" and s[2] == "a" and s[0] != s[1] and len(s[0]) == 2

@@ -32,6 +32,10 @@ def test_shipped_table_matches_its_tokenizers(stem):
     teacher = load_tokenizer(tokenizer_path(teacher_name))  # skips when the tokenizer is not available
     student = load_tokenizer(tokenizer_path(student_name))
     table.check_tokenizers(teacher=teacher, student=student)
+    assert table.metadata["format_version"] == 2 and table.metadata["parameters"]["neighbours"] == 8
+    for view, lengths in ((teacher, table.teacher_token_lengths), (student, table.student_token_lengths)):
+        expected = [0 if i in view.special_ids else len(b) for i, b in enumerate(view.all_token_bytes())]
+        assert lengths.tolist() == expected
     for d, source, target in (("t2s", teacher, student), ("s2t", student, teacher)):
         offsets = getattr(table, f"{d}_offsets").tolist()
         pieces = getattr(table, f"{d}_pieces").tolist()

@@ -46,12 +46,69 @@ def test_round_trip_is_bit_identical(table, saved, views, tmp_path):
 
 def test_metadata_describes_the_table(table, views):
     meta = table.metadata
-    assert meta["format_version"] == 1 and meta["library_version"]
+    assert meta["format_version"] == 2 and meta["library_version"]
     assert meta["teacher"]["fingerprint"] == views[0].fingerprint == table.teacher_fingerprint
     assert meta["student"]["vocab_size"] == views[1].vocab_size == table.student_vocab_size
     assert meta["parameters"]["neighbours"] == 3 and "VocabAlignment.build" in meta["command"]
     assert table.stats["exact_pairs"] == table.exact_teacher.shape[0]
     assert table.t2s_neighbours.shape == (views[0].vocab_size, 3)
+
+
+def test_default_keeps_eight_neighbours_best_first(views):
+    from xtok_kd.vocab import VocabAlignment
+
+    table = VocabAlignment.build(*views, progress=False)
+    assert table.metadata["parameters"]["neighbours"] == 8
+    for d in ("t2s", "s2t"):
+        ids, scores = getattr(table, f"{d}_neighbours"), getattr(table, f"{d}_neighbour_scores")
+        assert ids.shape[1] == 8 and bool((scores[:, :-1] >= scores[:, 1:]).all())
+        assert bool(((ids >= 0) == (scores > 0)).all())
+
+
+def test_token_lengths_are_canonical_bytes_and_zero_for_specials(table, views):
+    for view, lengths in zip(views, (table.teacher_token_lengths, table.student_token_lengths)):
+        assert lengths.dtype == torch.int64 and lengths.shape == (view.vocab_size,)
+        expected = [0 if i in view.special_ids else len(b) for i, b in enumerate(view.all_token_bytes())]
+        assert lengths.tolist() == expected
+
+
+def test_file_stores_compact_arrays(saved):
+    from safetensors.numpy import load_file
+    import numpy as np
+
+    arrays = load_file(saved)
+    assert arrays["teacher_token_lengths"].dtype == np.uint16 == arrays["student_token_lengths"].dtype
+    assert arrays["t2s_neighbour_scores"].dtype == np.float16 == arrays["s2t_neighbour_scores"].dtype
+
+
+def test_half_up_never_lowers_a_score():
+    import numpy as np
+
+    from xtok_kd.vocab.table import half_up
+
+    exact = np.asarray([1 - d / n for n in range(1, 120) for d in range(n + 1)], dtype=np.float64)
+    up = half_up(exact.astype(np.float32))
+    assert up.dtype == np.float32 and np.array_equal(up.astype(np.float16).astype(np.float32), up)
+    assert bool((up >= exact.astype(np.float32)).all()) and float((up - exact).max()) < 2.0 ** -11
+    assert np.array_equal(half_up(up), up)  # idempotent: a saved table saves again unchanged
+    assert float(half_up(np.float32([0.9]))[0]) >= np.float32(0.9)  # a token exactly at 0.9 passes 0.9
+
+
+def write_v1_table(table, path):
+    """Write ``table`` the way xtok_kd format version 1 did: no token lengths, float32 neighbour scores."""
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    from xtok_kd.vocab.table import _checksum, _to_file_arrays
+
+    arrays = _to_file_arrays(table)
+    del arrays["teacher_token_lengths"], arrays["student_token_lengths"]
+    for d in ("t2s", "s2t"):
+        arrays[f"{d}_neighbour_scores"] = arrays[f"{d}_neighbour_scores"].astype(np.float32)
+    meta = json.dumps(dict(table.metadata, format_version=1), sort_keys=True)
+    save_file(arrays, str(path), metadata={"xtok_kd": json.dumps({"checksum": _checksum(meta, arrays),
+                                                                  "table": meta})})
+    return str(path)
 
 
 def test_refuses_other_tokenizer(saved, views):
@@ -132,6 +189,19 @@ def test_other_format_version_is_named(saved):
     _rewrite_header(saved, edit)
     with pytest.raises(ValueError, match="format version 99"):
         VocabAlignment.load(saved)
+
+
+def test_version_1_file_is_refused_with_the_rebuild_command(table, tmp_path):
+    from xtok_kd.vocab import FORMAT_VERSION, VocabAlignment
+
+    assert FORMAT_VERSION == 2
+    path = write_v1_table(table, tmp_path / "old table.safetensors")
+    with pytest.raises(ValueError) as err:
+        VocabAlignment.load(path)
+    msg = str(err.value)
+    assert "format version 1" in msg and "reads format version 2" in msg and path in msg
+    teacher, student = table.metadata["teacher"]["name"], table.metadata["student"]["name"]
+    assert f"`xtok-kd align {teacher} {student} -o '{path}' --force`" in msg
 
 
 def test_altered_metadata_fails_checksum(saved):

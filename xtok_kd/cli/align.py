@@ -21,8 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("student", help="student tokenizer: folder with tokenizer.json, hub id, or an embedded name")
     p.add_argument("-o", "--output", required=True,
                    help="where to write the table (.safetensors); an existing file is refused unless --force")
-    p.add_argument("--neighbours", type=int, default=4,
-                   help="edit-distance neighbours per unmatched token, 0 to 256 (4)")
+    p.add_argument("--neighbours", type=int, default=8,
+                   help="edit-distance neighbours per unmatched token (the CDM candidates), 0 to 256 (8)")
     p.add_argument("--window", type=int, default=8, help="neighbour-search window per sort order, 1 to 4096 (8)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing table at --output (a file that is not an xtok_kd table is never replaced)")

@@ -13,6 +13,7 @@ from .exact import exact_pairs, exact_partner
 from .fuzzy import nearest_neighbours, similarity, token_strings
 from .projection import Projection, project
 from .specials import partners, special_pairs
+from .table import half_up
 
 __all__ = ["build_arrays"]
 
@@ -22,7 +23,8 @@ DIRECTIONS = (("t2s", "teacher", "student"), ("s2t", "student", "teacher"))
 def _neighbours(
     source: TokenizerView, target: TokenizerView, *, matched: np.ndarray, k: int, window: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(Vs, k)`` neighbours of the source tokens that have no exact match (other rows: -1 / 0)."""
+    """``(Vs, k)`` neighbours of the source tokens that have no exact match (other rows: -1 / 0), scores rounded up
+    to the float16 grid (:func:`.table.half_up`) so that the table in memory equals its file."""
     vs = source.vocab_size
     ids = np.full((vs, k), -1, dtype=np.int64)
     scores = np.zeros((vs, k), dtype=np.float32)
@@ -38,8 +40,15 @@ def _neighbours(
         tgt[sid] = ""  # never a candidate
     found, sim = nearest_neighbours([src[i] for i in rows.tolist()], tgt, k=k, window=window)
     ids[rows] = found
-    scores[rows] = sim
+    scores[rows] = half_up(sim)
     return ids, scores
+
+
+def _token_lengths(view: TokenizerView) -> np.ndarray:
+    """``(V,)`` int64 canonical byte length of each id, 0 for special tokens."""
+    lengths = view.token_lengths.copy()
+    lengths[list(view.special_ids)] = 0
+    return lengths
 
 
 def _projection_stats(prefix: str, proj: Projection, source: TokenizerView) -> dict[str, float]:
@@ -90,6 +99,8 @@ def build_arrays(
     clock = [time.perf_counter()]
     with bar:
         teacher.all_token_bytes(), student.all_token_bytes(), teacher.special_ids, student.special_ids
+        arrays["teacher_token_lengths"], arrays["student_token_lengths"] = (_token_lengths(teacher),
+                                                                            _token_lengths(student))
         stage("vocabularies")
         same = teacher.fingerprint == student.fingerprint
         et, es = exact_pairs(teacher, student)
@@ -144,6 +155,7 @@ def build_arrays(
             "window": int(window),
             "scorer": f"rapidfuzz.distance.Levenshtein.{similarity().__name__}",
             "neighbour_queries": "non-special tokens without an exact match",
+            "neighbour_scores": "normalised similarity rounded up to float16",
             "strings": "canonical bytes decoded as UTF-8 with surrogateescape",
             "exact_pinned": True,
         },

@@ -1,7 +1,9 @@
 """Build-on-first-use cache of vocabulary tables, keyed by both tokenizers' fingerprints.
 
 Where: ``$XTOK_KD_CACHE`` if set, else ``$XDG_CACHE_HOME/xtok_kd/tables``, else ``~/.cache/xtok_kd/tables``. The
-file name holds both fingerprints and the build parameters, so a changed tokenizer never reuses a stale table.
+file name holds both fingerprints, the format version and the build parameters, so a changed tokenizer or a newer
+xtok_kd never reuses a stale table: entries of an older format keep their own names and are left alone, and a file
+of another version found under this version's name fails validation and is rebuilt (with a warning).
 
 Many processes may share one cache (DDP ranks, parallel jobs, several users): a valid entry is read without a
 lock; a missing or damaged one is built by one process at a time under ``<entry>.lock`` (:mod:`filelock`), and the
@@ -74,14 +76,14 @@ def _build_unreadable(t_view: Any, s_view: Any, path: Path, err: Exception, opti
     return _build(t_view, s_view, path, **options)
 
 
-def get_or_build(teacher: Any, student: Any, *, neighbours: int = 4, window: int = 8,
+def get_or_build(teacher: Any, student: Any, *, neighbours: int = 8, window: int = 8,
                  progress: bool = False) -> VocabAlignment:
     """The cached table of ``teacher`` and ``student``, built and saved on first use.
 
     Args:
         teacher: anything :func:`~xtok_kd.tokenizer.load_tokenizer` accepts.
         student: likewise.
-        neighbours: ``K`` neighbours per unmatched token (part of the cache key).
+        neighbours: ``K`` neighbours (CDM candidates) per unmatched token (part of the cache key).
         window: neighbour-search window (part of the cache key).
         progress: show the build's progress bar.
 

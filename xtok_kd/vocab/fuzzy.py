@@ -7,7 +7,9 @@ it in one of several sort orders of the target vocabulary:
 * the strings themselves (shared prefix: ``" Bureau"`` / ``" Bure"``);
 * the reversed strings (shared suffix: ``"的时候"`` / ``"时候"``);
 * the strings with surrounding whitespace removed and lower-cased (``"Hello"`` / ``" hello"``);
-* the same, reversed.
+* the same, reversed;
+* the same with diacritics removed (``" différence"`` / ``" difference"``: one substitution in the middle, which
+  puts the two far apart in every other order).
 
 For each order the ``window`` entries on either side of the query's insertion point are candidates; all
 ``queries x candidates`` pairs are scored in one vectorised ``rapidfuzz.process.cpdist`` call with the same scorer
@@ -17,6 +19,7 @@ as a brute force would use, so a neighbour found here has exactly its brute-forc
 
 from __future__ import annotations
 
+import unicodedata
 from bisect import bisect_left
 from typing import Sequence
 
@@ -51,6 +54,9 @@ def _sort_keys(cands: Sequence[str], queries: Sequence[str]) -> list[tuple[list[
     def stripped(strings: Sequence[str]) -> list[str]:
         return [s.strip().lower() for s in strings]
 
+    def folded(strings: Sequence[str]) -> list[str]:
+        return ["".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c)) for s in strings]
+
     c_strip, q_strip = stripped(cands), stripped(queries)
     c_rev, q_rev = [s[::-1] for s in c_strip], [s[::-1] for s in q_strip]
     return [
@@ -58,6 +64,7 @@ def _sort_keys(cands: Sequence[str], queries: Sequence[str]) -> list[tuple[list[
         ([s[::-1] for s in cands], [[s[::-1] for s in queries]]),
         (c_strip, [q_strip, [s[1:] for s in q_strip]]),
         (c_rev, [q_rev, [s[1:] for s in q_rev]]),
+        (folded(c_strip), [folded(q_strip)]),
     ]
 
 
@@ -75,8 +82,8 @@ def nearest_neighbours(
         query_strings: ``Q`` strings (see :func:`token_strings`).
         candidate_strings: ``C`` strings; an empty string is never a candidate.
         k: neighbours per query.
-        window: candidates taken on each side of the query in each of the four sort orders (so at most
-            ``8 * window`` candidates per query are scored).
+        window: candidates taken on each side of the query in each of the five sort orders (so at most
+            ``14 * window`` candidates per query are scored: seven query keys).
         workers: rapidfuzz worker threads (-1: all cores).
 
     Returns:

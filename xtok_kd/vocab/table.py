@@ -1,11 +1,17 @@
 """VocabAlignment: the saved, fingerprinted map between a teacher and a student vocabulary.
 
-File format (``.safetensors``, format version 1): sparse arrays plus one metadata entry ``"xtok_kd"``, a JSON
+File format (``.safetensors``, format version 2): sparse arrays plus one metadata entry ``"xtok_kd"``, a JSON
 object ``{"checksum": ..., "table": <JSON text>}``. The table text holds the format version, both tokenizers'
 names, fingerprints and vocabulary sizes, methods and parameters, statistics, library version and the command
-that made it; the checksum is a sha256 over that text and every array. Ids are stored as int32, decompositions
-as pieces plus uint16 lengths (offsets and first pieces are derived on load), neighbours only for the rows that
-have some. In memory every id tensor is int64 and neighbours are dense.
+that made it; the checksum is a sha256 over that text and every array. Ids are stored as uint16 when the
+vocabulary they index has at most 65,535 ids (-1 stored as 65535), else as int32; decompositions as pieces plus
+uint16 lengths (offsets and first pieces are derived on load), token byte lengths as uint16, neighbours only for
+the rows that have some, their scores as float16. In memory every id and length tensor is int64, scores are
+float32 and neighbours are dense.
+
+Version 2 (this one) added each side's token byte lengths, raised the default number of neighbours (the CDM
+candidates) from 4 to 8, stores neighbour scores as float16 rounded up (version 1: float32) and ids into a small
+vocabulary as uint16 (version 1: int32). A file of another version is refused with the command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -22,18 +28,20 @@ import numpy as np
 from ..tokenizer import TokenizerView, load_tokenizer
 from .files import name_problem, probe_writable, write_atomically
 
-__all__ = ["VocabAlignment", "FORMAT_VERSION", "check_save_target", "table_file_problem"]
+__all__ = ["FORMAT_VERSION", "VocabAlignment", "check_save_target", "half_up", "table_file_problem"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _FORMAT = "xtok_kd.vocab_alignment"
 _META_KEY = "xtok_kd"
 Direction = Literal["teacher_to_student", "student_to_teacher"]
 _DIRECTIONS = {"teacher_to_student": "t2s", "student_to_teacher": "s2t"}
 _PER_DIRECTION = ("first", "weight", "offsets", "pieces", "neighbours", "neighbour_scores")
-TENSORS = ("exact_teacher", "exact_student", "special_teacher", "special_student") + tuple(
+TENSORS = ("exact_teacher", "exact_student", "special_teacher", "special_student", "teacher_token_lengths",
+           "student_token_lengths") + tuple(
     f"{d}_{name}" for d in ("t2s", "s2t") for name in _PER_DIRECTION
 )
 _FLOAT = {"t2s_weight", "s2t_weight", "t2s_neighbour_scores", "s2t_neighbour_scores"}
+_LENGTHS = {"teacher_token_lengths", "student_token_lengths"}
 
 
 class VocabAlignment:
@@ -42,11 +50,19 @@ class VocabAlignment:
     Tensors (torch, on :attr:`device`; ``Vt``/``Vs`` vocabulary sizes, ``K`` neighbours per token):
 
     * ``exact_teacher``, ``exact_student``: ``(E,)`` int64, all pairs of non-special ids with equal canonical bytes.
+    * ``teacher_token_lengths`` ``(Vt,)`` and ``student_token_lengths`` ``(Vs,)``: int64 canonical byte length of
+      each id, 0 for special and empty tokens. A projection's first piece is a prefix of its token, so their
+      lexical similarity is ``len(first) / len(token)``.
     * ``t2s_first``: ``(Vt,)`` int64, first student token of each teacher token's re-tokenised bytes (-1 if none);
       ``t2s_weight``: ``(Vt,)`` float32, 1.0 where mapped; ``t2s_offsets`` ``(Vt + 1,)`` int64 and ``t2s_pieces``
-      ``(N,)`` int64, the full decomposition in CSR form; ``t2s_neighbours`` ``(Vt, K)`` int64 (-1 padded) and
-      ``t2s_neighbour_scores`` ``(Vt, K)`` float32 in [0, 1]: nearest student tokens by normalised edit distance,
-      for teacher tokens with no exact match (other rows are -1).
+      ``(N,)`` int64, the full decomposition in CSR form.
+    * ``t2s_neighbours`` ``(Vt, K)`` int64 (-1 padded) and ``t2s_neighbour_scores`` ``(Vt, K)`` float32 in [0, 1]:
+      the ``K`` student tokens most similar to each teacher token by normalised Levenshtein similarity on
+      canonical bytes (:func:`.fuzzy.similarity`), best first, for non-special, non-empty teacher tokens with no
+      exact match (other rows are -1 / 0). These are the candidates of the contextual top-k mapping (CDM, see
+      :mod:`xtok_kd.losses.cdm_match`), which keeps the best one present in the row's student top-k. Scores are
+      rounded UP to the float16 grid (at most ``2**-11`` above the exact value, see :func:`half_up`), so the
+      table in memory equals the file and a token exactly at a threshold such as 0.9 still passes it.
     * ``s2t_*``: the same from student to teacher.
     * ``special_teacher``, ``special_student``: ``(S,)`` int64 role-matched special pairs
       (roles in ``metadata["special_roles"]``); a special id with a partner maps to it in ``*_first``.
@@ -109,7 +125,7 @@ class VocabAlignment:
         teacher: Any,
         student: Any,
         *,
-        neighbours: int = 4,
+        neighbours: int = 8,
         window: int = 8,
         command: str | None = None,
         progress: bool = True,
@@ -119,7 +135,8 @@ class VocabAlignment:
         Args:
             teacher: anything :func:`~xtok_kd.tokenizer.load_tokenizer` accepts (folder, hub id, tokenizer, view).
             student: likewise.
-            neighbours: ``K``, edit-distance neighbours kept per token without an exact match (0 to skip).
+            neighbours: ``K``, edit-distance neighbours (the CDM candidates) kept per token without an exact
+                match (0 to skip).
             window: candidates per side per sort order for the neighbour search (see :mod:`.fuzzy`).
             command: the command line to record in the metadata (the CLI passes its own).
             progress: show a tqdm bar over the build stages.
@@ -270,28 +287,87 @@ def _to_torch(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
+def half_up(scores: np.ndarray) -> np.ndarray:
+    """``scores`` rounded up to the nearest float16 value, returned as float32 of the same shape.
+
+    The file stores neighbour scores as float16; rounding up (not to nearest) keeps every stored score at or above
+    its exact value (by less than ``2**-11`` in [0.5, 1]), so a threshold test ``score >= 0.9`` still passes a token
+    whose exact similarity is 0.9. It may also pass one whose exact similarity is less than ``2**-11`` below the
+    threshold: ``1 - d / n`` is that close to 0.9 only for tokens longer than about 200 characters.
+    """
+    x = np.asarray(scores, dtype=np.float32)
+    half = x.astype(np.float16)
+    low = half.astype(np.float32) < x
+    half[low] = np.nextafter(half[low], np.float16(np.inf))
+    return half.astype(np.float32)
+
+
+_ID_SENTINEL = np.iinfo(np.uint16).max  # -1 in a uint16 id array
+
+
+def _id_arrays(vt: int, vs: int) -> dict[str, int]:
+    """File arrays holding ids, each with the size of the vocabulary its ids index."""
+    out = {"exact_teacher": vt, "special_teacher": vt, "exact_student": vs, "special_student": vs}
+    for d, source, target in (("t2s", vt, vs), ("s2t", vs, vt)):
+        out.update({f"{d}_pieces": target, f"{d}_neighbours": target, f"{d}_neighbour_rows": source})
+    return out
+
+
+def _id_dtype(vocab_size: int) -> np.dtype:
+    """uint16 for ids into a vocabulary of at most 65,535 ids (65535 is then free to mean -1), else int32."""
+    return np.dtype(np.uint16) if vocab_size <= _ID_SENTINEL else np.dtype(np.int32)
+
+
+def _encode_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    dtype = _id_dtype(vocab_size)
+    if dtype == np.uint16:
+        ids = np.where(ids < 0, _ID_SENTINEL, ids)
+    return np.ascontiguousarray(ids, dtype=dtype)
+
+
+def _decode_ids(arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``arrays`` with every id array as int64, uint16 65535 back to -1."""
+    out = dict(arrays)
+    for name in _id_arrays(metadata["teacher"]["vocab_size"], metadata["student"]["vocab_size"]):
+        ids = arrays[name].astype(np.int64)
+        if arrays[name].dtype == np.uint16:
+            ids[ids == _ID_SENTINEL] = -1
+        out[name] = ids
+    return out
+
+
 def _to_file_arrays(table: VocabAlignment) -> dict[str, np.ndarray]:
-    """Compact arrays for the file: int32 ids, neighbours only for rows that have some."""
+    """Compact arrays for the file: ids as uint16 or int32 (:func:`_id_dtype`), uint16 lengths, neighbours only for
+    rows that have some, float16 scores."""
+    vocab = _id_arrays(table.teacher_vocab_size, table.student_vocab_size)
     out: dict[str, np.ndarray] = {}
     for name in TENSORS:
         value = getattr(table, name).detach().cpu().numpy()
         if name.endswith(("_neighbours", "_neighbour_scores", "_offsets", "_first")):
             continue
-        out[name] = np.ascontiguousarray(value, dtype=np.float32 if name in _FLOAT else np.int32)
+        if name in _LENGTHS:
+            if value.size and (value.min() < 0 or value.max() > np.iinfo(np.uint16).max):
+                raise ValueError(f"{name} must lie in [0, 65535] to be saved, got [{value.min()}, {value.max()}]")
+            out[name] = value.astype(np.uint16)
+        elif name in vocab:
+            out[name] = _encode_ids(value, vocab[name])
+        else:
+            out[name] = np.ascontiguousarray(value, dtype=np.float32)
     for d in ("t2s", "s2t"):
         offsets = getattr(table, f"{d}_offsets").detach().cpu().numpy()
         lengths = np.diff(offsets)
         if lengths.size and lengths.max() > np.iinfo(np.uint16).max:
             raise ValueError(f"{d}: a decomposition longer than 65535 pieces cannot be saved")
-        if not np.array_equal(getattr(table, f"{d}_first").detach().cpu().numpy(), _first(offsets, out[f"{d}_pieces"])):
+        pieces = getattr(table, f"{d}_pieces").detach().cpu().numpy()
+        if not np.array_equal(getattr(table, f"{d}_first").detach().cpu().numpy(), _first(offsets, pieces)):
             raise ValueError(f"{d}_first is not the first piece of each decomposition; the file stores only pieces")
         out[f"{d}_lengths"] = lengths.astype(np.uint16)
         ids = getattr(table, f"{d}_neighbours").detach().cpu().numpy()
         scores = getattr(table, f"{d}_neighbour_scores").detach().cpu().numpy()
         rows = np.flatnonzero((ids >= 0).any(axis=1))
-        out[f"{d}_neighbour_rows"] = rows.astype(np.int32)
-        out[f"{d}_neighbours"] = np.ascontiguousarray(ids[rows], dtype=np.int32)
-        out[f"{d}_neighbour_scores"] = np.ascontiguousarray(scores[rows], dtype=np.float32)
+        out[f"{d}_neighbour_rows"] = _encode_ids(rows, vocab[f"{d}_neighbour_rows"])
+        out[f"{d}_neighbours"] = _encode_ids(ids[rows], vocab[f"{d}_neighbours"])
+        out[f"{d}_neighbour_scores"] = np.ascontiguousarray(half_up(scores[rows]), dtype=np.float16)
     return out
 
 
@@ -428,22 +504,25 @@ def _parents(folder: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------- reading and validating a file
-_DTYPE_NAMES = {np.dtype(np.int32): "I32", np.dtype(np.float32): "F32", np.dtype(np.uint16): "U16"}
+_DTYPE_NAMES = {np.dtype(np.int32): "I32", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                np.dtype(np.uint16): "U16"}
 
 
 def _file_layout(metadata: dict[str, Any]) -> dict[str, tuple[str, tuple[int | None, ...]]]:
     """Expected dtype and shape (``None``: any length) of every array in a file."""
     vt, vs = metadata["teacher"]["vocab_size"], metadata["student"]["vocab_size"]
     k = metadata["parameters"]["neighbours"]
+    ids = {name: _DTYPE_NAMES[_id_dtype(size)] for name, size in _id_arrays(vt, vs).items()}
     layout: dict[str, tuple[str, tuple[int | None, ...]]] = {
-        "exact_teacher": ("I32", (None,)), "exact_student": ("I32", (None,)),
-        "special_teacher": ("I32", (None,)), "special_student": ("I32", (None,)),
+        name: (ids[name], (None,)) for name in ("exact_teacher", "exact_student", "special_teacher", "special_student")
     }
+    layout.update({"teacher_token_lengths": ("U16", (vt,)), "student_token_lengths": ("U16", (vs,))})
     for d, size in (("t2s", vt), ("s2t", vs)):
         layout.update({
-            f"{d}_lengths": ("U16", (size,)), f"{d}_weight": ("F32", (size,)), f"{d}_pieces": ("I32", (None,)),
-            f"{d}_neighbour_rows": ("I32", (None,)), f"{d}_neighbours": ("I32", (None, k)),
-            f"{d}_neighbour_scores": ("F32", (None, k)),
+            f"{d}_lengths": ("U16", (size,)), f"{d}_weight": ("F32", (size,)),
+            f"{d}_pieces": (ids[f"{d}_pieces"], (None,)),
+            f"{d}_neighbour_rows": (ids[f"{d}_neighbour_rows"], (None,)),
+            f"{d}_neighbours": (ids[f"{d}_neighbours"], (None, k)), f"{d}_neighbour_scores": ("F16", (None, k)),
         })
     return layout
 
@@ -474,9 +553,10 @@ def _read_checked(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if not isinstance(metadata, dict) or metadata.get("format") != _FORMAT:
         raise bad(f"its metadata does not describe a {_FORMAT!r} file")
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise bad(
-            f"format version {metadata.get('format_version')!r}, but this xtok_kd reads version {FORMAT_VERSION}; "
-            "rebuild the table with this version (`xtok-kd align`)"
+        raise ValueError(
+            f"{path!r} is an xtok_kd vocabulary table of format version {metadata.get('format_version')!r}, but "
+            f"this xtok_kd ({_library_version()}) reads format version {FORMAT_VERSION} only; rebuild it with "
+            f"`{_rebuild_command(path, metadata)}`"
         )
     data_len = len(blob) - 8 - header_len
     try:
@@ -509,8 +589,28 @@ def _read_checked(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         raise bad("; ".join(problems))
     if _checksum(meta_text, arrays) != checksum:
         raise bad("its checksum does not match its contents (the file was altered or damaged)")
+    arrays = _decode_ids(arrays, metadata)
     _check_values(arrays, metadata, bad)
     return arrays, metadata
+
+
+def _library_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _rebuild_command(path: str, metadata: dict[str, Any]) -> str:
+    """The ``xtok-kd align`` command that rebuilds the table at ``path``, with the tokenizer names it records
+    (``TEACHER`` / ``STUDENT`` where the metadata has none)."""
+    import shlex
+
+    names = []
+    for role in ("teacher", "student"):
+        entry = metadata.get(role)
+        name = entry.get("name") if isinstance(entry, dict) else None
+        names.append(shlex.quote(name) if isinstance(name, str) and name else role.upper())
+    return f"xtok-kd align {names[0]} {names[1]} -o {shlex.quote(path)} --force"
 
 
 def _check_values(arrays: dict[str, np.ndarray], metadata: dict[str, Any], bad: Any) -> None:
@@ -525,6 +625,10 @@ def _check_values(arrays: dict[str, np.ndarray], metadata: dict[str, Any], bad: 
         if rows.shape[0] != arrays[f"{d}_neighbours"].shape[0] or np.any(rows < 0) or np.any(
                 rows >= (vt if d == "t2s" else vs)):
             raise bad(f"{d}_neighbour_rows do not index the {d}_neighbours rows")
+    for d in target:
+        scores = arrays[f"{d}_neighbour_scores"]
+        if scores.size and not (np.all(scores >= 0) and np.all(scores <= 1)):
+            raise bad(f"array '{d}_neighbour_scores' holds scores outside [0, 1]")
     for name, size in ranges.items():
         a = arrays[name]
         low = -1 if name.endswith("_neighbours") else 0
