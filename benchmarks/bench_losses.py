@@ -35,6 +35,10 @@ METHODS = {
     "xtok_hybrid": "xtok_kd hybrid jsd (observed)",
     "xtok_proj_fkl": "xtok_kd projection + fkl",
     "xtok_proj_akl": "xtok_kd projection + akl",
+    "xtok_proj_dkl": "xtok_kd projection + dkl (1, 1)",
+    "xtok_sinkhorn": "xtok_kd sinkhorn (lexical, k=64)",
+    "xtok_cdm": "xtok_kd cdm + fkl (k=32)",
+    "xtok_alm": "xtok_kd alm (binary kl)",
 }
 
 
@@ -168,11 +172,15 @@ def trl_runner(x, *, hybrid: bool):
 def xtok_runner(x, *, mapping: str, divergence: str = "fkl"):
     from xtok_kd.losses import CrossTokenizerKDLoss
 
-    if mapping == "projection":
+    if mapping in ("projection", "sinkhorn", "cdm"):
         from xtok_kd.vocab import VocabAlignment
 
         table = VocabAlignment.build(x.teacher_tok, x.student_tok)
-        module = CrossTokenizerKDLoss(table=table, mapping="projection", divergence=divergence)
+        extra = {"dkl_weights": (1.0, 1.0)} if divergence == "dkl" else {}
+        module = CrossTokenizerKDLoss(table=table, mapping=mapping, divergence=divergence, **extra)
+    elif mapping == "alm":
+        module = CrossTokenizerKDLoss(mapping="alm", teacher_vocab_size=x.teacher_tok.vocab_size,
+                                      student_vocab_size=x.student_tok.vocab_size)
     else:
         module = CrossTokenizerKDLoss(mapping=mapping, divergence="jsd", beta=0.5, merge="observed",
                                       table=_exact_table(x) if mapping == "hybrid" else None,
@@ -203,7 +211,9 @@ def worker(method: str, tokens: int, repeats: int, mixed: bool) -> dict:
         if method.startswith("trl"):
             return trl_runner(inputs, hybrid=method == "trl_hybrid")
         kind = {"xtok_uld": ("uld", "fkl"), "xtok_hybrid": ("hybrid", "jsd"),
-                "xtok_proj_fkl": ("projection", "fkl"), "xtok_proj_akl": ("projection", "akl")}[method]
+                "xtok_proj_fkl": ("projection", "fkl"), "xtok_proj_akl": ("projection", "akl"),
+                "xtok_proj_dkl": ("projection", "dkl"), "xtok_sinkhorn": ("sinkhorn", "fkl"),
+                "xtok_cdm": ("cdm", "fkl"), "xtok_alm": ("alm", "fkl")}[method]
         return xtok_runner(inputs, mapping=kind[0], divergence=kind[1])
 
     # Page in every method's code on a 16-token input first, so the peak below is the loss's, not the libraries'.

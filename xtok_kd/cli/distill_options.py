@@ -28,11 +28,9 @@ _MEMORY_FIX = ("--teacher-cache DIR (run `xtok-kd cache-teacher` first: no teach
 
 
 def _mappings() -> tuple[str, ...]:
-    from typing import get_args
+    from ..losses.mappings import MAPPINGS
 
-    from ..losses.module import Mapping
-
-    return get_args(Mapping)
+    return tuple(MAPPINGS)
 
 
 def _divergences() -> tuple[str, ...]:
@@ -93,7 +91,8 @@ class DistillArguments:
         "hold out this fraction of the training examples for evaluation instead of --eval-data, in [0, 1) "
         "(0: no evaluation)")})
     mapping: str = field(default="projection", metadata={"help": (
-        "how the two vocabularies are compared: projection, uld or hybrid")})
+        "how the two vocabularies are compared: projection, uld, hybrid, sinkhorn, cdm or alm (see the README's "
+        "mapping table)")})
     divergence: str = field(default="fkl", metadata={"help": (
         "divergence: fkl, rkl, jsd, tvd, skl, srkl, akl, symmetric_kl")})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of both models in the KD loss"})
@@ -398,7 +397,7 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
     top_k_source = ("--teacher-cache" if opts.teacher_cache is not None else
                     f"--teacher-top-k {opts.teacher_top_k}" if opts.teacher_top_k is not None else None)
     if needs_teacher and top_k_source is not None:  # the teacher comes as its temperature-1 top-k only
-        if opts.mapping == "hybrid":
+        if opts.mapping == "hybrid":  # the one mapping that needs full logits (MappingMethod.accepts_topk)
             add(f"--mapping hybrid needs the teacher's full logits, but {top_k_source} gives its top-k only; use "
                 "--mapping projection or uld, or a live --teacher without --teacher-top-k")
         if isinstance(opts.temperature, (int, float)) and opts.temperature != 1:

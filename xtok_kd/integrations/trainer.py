@@ -136,7 +136,7 @@ class CrossTokenizerKDTrainer(Trainer):
     Raises:
         ValueError: a weight that is not a finite number ``>= 0`` (or both 0), a bad ``teacher_top_k``; ``kd_weight >
             0`` with neither a teacher nor a cache for a dataset; ``max_length`` / ``loss_on`` other than a cache's;
-            ``mapping="hybrid"`` or a temperature other than 1 with a top-k teacher (cache or ``teacher_top_k``).
+            a mapping that needs full logits (``hybrid``) or a temperature other than 1 with a top-k teacher (cache or ``teacher_top_k``).
     """
 
     def __init__(
@@ -217,9 +217,11 @@ class CrossTokenizerKDTrainer(Trainer):
             raise ValueError("pass either kd_loss= or loss_options=, not both")
         if self.kd_weight > 0 and (teacher_top_k is not None or cache is not None):
             source = f"teacher_top_k={teacher_top_k}" if teacher_top_k is not None else "a teacher cache"
-            if getattr(kd_loss, "mapping", None) == "hybrid":
-                raise ValueError(f"mapping='hybrid' needs the teacher's full logits, but {source} gives its top-k "
-                                 "only; use mapping 'projection' or 'uld', or a live teacher with teacher_top_k=None")
+            method = getattr(kd_loss, "method", None)
+            if method is not None and not method.accepts_topk:
+                raise ValueError(f"mapping={kd_loss.mapping!r} needs the teacher's full logits, but {source} gives "
+                                 "its top-k only; use another mapping (projection, uld, sinkhorn, cdm, alm), or a "
+                                 "live teacher with teacher_top_k=None")
             if getattr(kd_loss, "temperature", 1.0) != 1.0:
                 raise ValueError(f"{source} gives temperature-1 log-probabilities, but the loss has temperature="
                                  f"{kd_loss.temperature}; use temperature=1.0, or a live teacher with "

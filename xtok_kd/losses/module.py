@@ -136,7 +136,7 @@ class CrossTokenizerKDLoss(nn.Module):
         hybrid_prob_floor: float = 1e-8,
         cost: str = "lexical",
         epsilon: float = 0.1,
-        sinkhorn_max_iter: int = 100,
+        sinkhorn_max_iter: int = 300,
         sinkhorn_tol: float = 1e-4,
         unbiased: bool = False,
         teacher_embeddings: Any = None,
@@ -222,7 +222,7 @@ class CrossTokenizerKDLoss(nn.Module):
         self.method = method(options)
         self._buffer_names = []
         for name, value in self.method.buffers(table, self.teacher_vocab_size, self.student_vocab_size).items():
-            self.register_buffer(name, value)
+            self.register_buffer(name, value, persistent=name not in self.method.transient)
             self._buffer_names.append(name)
 
     @property

@@ -44,7 +44,7 @@ class LossOptions:
     hybrid_prob_floor: float = 1e-8
     cost: str = "lexical"
     epsilon: float = 0.1
-    sinkhorn_max_iter: int = 100
+    sinkhorn_max_iter: int = 300
     sinkhorn_tol: float = 1e-4
     unbiased: bool = False
     teacher_embeddings: Any = None

@@ -11,6 +11,7 @@ from .base import MappingMethod
 from .cdm import CdmMapping
 from .hybrid import HybridMapping, hybrid_rows
 from .projection import ProjectionMapping, projection_rows
+from .sinkhorn import SinkhornMapping
 from .uld import UldMapping, uld_rows
 
 __all__ = ["MAPPINGS", "MappingMethod", "hybrid_rows", "projection_rows", "uld_rows"]
@@ -21,4 +22,5 @@ MAPPINGS: dict[str, type[MappingMethod]] = {
     "hybrid": HybridMapping,
     "alm": AlmMapping,
     "cdm": CdmMapping,
+    "sinkhorn": SinkhornMapping,
 }

@@ -38,6 +38,7 @@ class MappingMethod:
     plan_merge: ClassVar[str | None] = None
     needs_loglik: ClassVar[bool] = False
     needs_table: ClassVar[bool] = False
+    transient: ClassVar[tuple[str, ...]] = ()  # buffers kept out of the state dict (e.g. a model's embeddings)
 
     def __init__(self, options: LossOptions) -> None:
         self.options = options
