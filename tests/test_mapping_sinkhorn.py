@@ -129,3 +129,32 @@ def test_sinkhorn_top_k_above_the_cache_raises(qwen, mistral, qwen_mistral):
         loss(s, TeacherTopK(lp.indices, lp.values), al)
     with pytest.raises(ValueError, match="epsilon applies to mapping='sinkhorn'"):
         CrossTokenizerKDLoss(table=qwen_mistral, mapping="projection", epsilon=0.5)
+
+
+def test_sequence_level_term_is_added_to_each_chunk_of_its_sequence(qwen, mistral, qwen_mistral):
+    from xtok_kd.losses.sequence_ot import sequence_transport
+
+    al, t, s = _inputs(qwen, mistral, seed=5, chars=160)
+    base = CrossTokenizerKDLoss(table=qwen_mistral, mapping="sinkhorn", top_k=16, reduction="none")
+    both = CrossTokenizerKDLoss(table=qwen_mistral, mapping="sinkhorn", top_k=16, reduction="none",
+                                sequence_weight=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = base(s, t, al)
+        x = s.clone().requires_grad_(True)
+        b = both(x, t, al)
+    sc = torch.as_tensor(al.student_chunk)
+    tc = torch.as_tensor(al.teacher_chunk)
+    s_mask = torch.zeros_like(sc, dtype=torch.bool)
+    t_mask = torch.zeros_like(tc, dtype=torch.bool)
+    s_mask[:, :-1] = sc[:, 1:] >= 0
+    t_mask[:, :-1] = tc[:, 1:] >= 0
+    seq = sequence_transport(s, t, s_mask, t_mask, top_k=16)
+    torch.testing.assert_close(b.loss.detach(), a.loss + 0.5 * seq.value[0], rtol=1e-6, atol=1e-9)
+    assert b.metrics["sequence_ot"] == pytest.approx(float(seq.value[0]), rel=1e-6)
+    b.loss.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError, match="sequence_weight applies to mapping='sinkhorn'"):
+        CrossTokenizerKDLoss(table=qwen_mistral, sequence_weight=1.0)
+    with pytest.raises(ValueError, match="sequence_weight must be a finite number >= 0"):
+        CrossTokenizerKDLoss(table=qwen_mistral, mapping="sinkhorn", sequence_weight=-1.0)

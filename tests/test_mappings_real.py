@@ -17,6 +17,7 @@ CASES = [
     dict(mapping="projection", divergence="dkl", dkl_weights=(1.0, 1.0)),
     dict(mapping="sinkhorn", top_k=32),
     dict(mapping="sinkhorn", top_k=16, unbiased=True, cost="embedding"),
+    dict(mapping="sinkhorn", top_k=16, sequence_weight=0.5),
     dict(mapping="cdm", divergence="fkl"),
     dict(mapping="cdm", divergence="dkl", dkl_weights=(0.5, 1.0), cdm_max_distance=0.3),
     dict(mapping="alm"),

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .types import Direction
+from ..directions import Direction, direction_code
 
 __all__ = ["EXACT", "CANDIDATE", "NONE", "exact_partner_vector", "match_topk", "matching_tensors"]
 
@@ -145,13 +145,8 @@ def matching_tensors(table: Any, direction: Direction) -> dict[str, torch.Tensor
 
 
 # ---------------------------------------------------------------------- checks
-_DIRECTIONS = {"teacher_to_student": "t2s", "student_to_teacher": "s2t"}
-
-
 def _direction(direction: str) -> str:
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be one of {sorted(_DIRECTIONS)}, got {direction!r}")
-    return _DIRECTIONS[direction]
+    return direction_code(direction)
 
 
 def _is_integer(t: torch.Tensor) -> bool:

@@ -71,6 +71,8 @@ class CrossTokenizerKDLoss(nn.Module):
             projection's first piece, 1 otherwise) or ``embedding`` (``1 - cosine`` of ``teacher_embeddings``).
         epsilon / sinkhorn_max_iter / sinkhorn_tol: ``sinkhorn``: entropic regularisation (> 0), iterations and
             tolerance; rows that did not converge are counted in the metric ``sinkhorn_unconverged`` and warned about.
+        sequence_weight: ``sinkhorn``: weight of the sequence-level transport term (MultiLevelOT; 0 = off): every
+            chunk of a sequence carries this times the sequence's value (metric ``sequence_ot``).
         unbiased: ``sinkhorn``: the Sinkhorn divergence ``W(P,Q) - W(P,P)/2 - W(Q,Q)/2`` (0 for identical inputs).
         teacher_embeddings: ``sinkhorn`` with ``cost="embedding"``: the teacher's output embeddings ``(Vt, d)``.
         cdm_max_distance: ``cdm``: largest normalised edit distance of a candidate pair (CDM: about 0.1).
@@ -143,6 +145,7 @@ class CrossTokenizerKDLoss(nn.Module):
         cdm_max_distance: float = 0.1,
         alm_divergence: str = "binary_kl",
         dkl_weights: tuple[float, float] = (0.0, 1.0),
+        sequence_weight: float = 0.0,
         teacher_vocab_size: int | None = None,
         student_vocab_size: int | None = None,
         chunk_size: Any = _UNSET,
@@ -166,7 +169,7 @@ class CrossTokenizerKDLoss(nn.Module):
             hybrid_weights=hybrid_weights, hybrid_prob_floor=hybrid_prob_floor, cost=cost, epsilon=epsilon,
             sinkhorn_max_iter=sinkhorn_max_iter, sinkhorn_tol=sinkhorn_tol, unbiased=unbiased,
             teacher_embeddings=teacher_embeddings, cdm_max_distance=cdm_max_distance, alm_divergence=alm_divergence,
-            dkl_weights=dkl_weights,
+            dkl_weights=dkl_weights, sequence_weight=sequence_weight,
         )
         errors += option_problems(options)
         method = MAPPINGS.get(mapping)
@@ -323,6 +326,12 @@ class CrossTokenizerKDLoss(nn.Module):
             temperature=self.temperature, student_input_ids=student_input_ids, teacher_input_ids=teacher_input_ids,
             check_teacher_rows=check,
         )
+        extra = method.sequence_losses(student_logits, topk if topk is not None else teacher_logits, alignment,
+                                       student_width=vs, teacher_width=vt, temperature=self.temperature)
+        seq_metrics: dict[str, float] = {}
+        if extra is not None:
+            per_sequence, seq_metrics = extra
+            losses = losses + per_sequence[rows.sample.to(per_sequence.device)].to(losses.dtype)
         if self.scale_by_temperature_sq and self.temperature != 1.0:
             losses = losses * self.temperature**2
         loss = reduce_rows(losses, reduction=self.reduction, num_items_in_batch=count)
@@ -334,6 +343,7 @@ class CrossTokenizerKDLoss(nn.Module):
         }
         means = method.summarise(per_chunk) if losses.shape[0] else per_chunk.new_zeros(len(names))
         metrics.update({name: float(v) for name, v in zip(names, means.tolist())})
+        metrics.update(seq_metrics)
         return KDLossOutput(loss=loss, metrics=metrics)
 
     def _topk_width(self, topk: TeacherTopK, t_ref: torch.Tensor) -> int:

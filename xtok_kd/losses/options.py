@@ -51,6 +51,7 @@ class LossOptions:
     cdm_max_distance: float = 0.1
     alm_divergence: str = "binary_kl"
     dkl_weights: Any = (0.0, 1.0)
+    sequence_weight: float = 0.0
 
 
 #: Knobs that only some mappings read: setting one away from its default for another mapping is an error.
@@ -66,6 +67,7 @@ OPTION_USERS: dict[str, tuple[str, ...]] = {
     "sinkhorn_tol": ("sinkhorn",),
     "unbiased": ("sinkhorn",),
     "teacher_embeddings": ("sinkhorn",),
+    "sequence_weight": ("sinkhorn",),
     "cdm_max_distance": ("cdm",),
     "alm_divergence": ("alm",),
 }
@@ -147,6 +149,8 @@ def _checks(o: LossOptions) -> list[str | None]:
         need(is_count(o.sinkhorn_max_iter), f"sinkhorn_max_iter must be an int >= 1, got {o.sinkhorn_max_iter!r}"),
         need(_in(0.0, math.inf, o.sinkhorn_tol, lo_open=True, hi_open=True),
              f"sinkhorn_tol must be a finite number > 0, got {o.sinkhorn_tol!r}"),
+        need(_in(0.0, math.inf, o.sequence_weight, hi_open=True),
+             f"sequence_weight must be a finite number >= 0, got {o.sequence_weight!r}"),
         need(isinstance(o.unbiased, bool), f"unbiased must be True or False, got {o.unbiased!r}"),
         need(_in(0.0, 1.0, o.cdm_max_distance, hi_open=True),
              f"cdm_max_distance must lie in [0, 1) (a normalised edit distance; 0 keeps exact pairs only), got "

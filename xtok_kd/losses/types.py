@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
+from ..directions import Direction as _Direction
+
 __all__ = ["Direction", "KDLossOutput", "TeacherTopK", "other_side"]
 
-#: Which way a projection runs: the student's distribution pushed into the teacher vocabulary (the default), or the
-#: teacher's pushed into the student's. The only place these two names are spelled.
-Direction = Literal["student_to_teacher", "teacher_to_student"]
+#: Which way a projection runs (see :mod:`xtok_kd.directions`, the one place the names are translated).
+Direction = _Direction
 
 
 def other_side(side: str) -> str:

@@ -21,11 +21,12 @@ import json
 import os
 import stat
 import struct
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from ..tokenizer import TokenizerView, load_tokenizer
+from ..directions import Direction, direction_code
 from .files import name_problem, probe_writable, write_atomically
 
 __all__ = ["FORMAT_VERSION", "VocabAlignment", "check_save_target", "half_up", "table_file_problem"]
@@ -33,8 +34,6 @@ __all__ = ["FORMAT_VERSION", "VocabAlignment", "check_save_target", "half_up", "
 FORMAT_VERSION = 2
 _FORMAT = "xtok_kd.vocab_alignment"
 _META_KEY = "xtok_kd"
-Direction = Literal["teacher_to_student", "student_to_teacher"]
-_DIRECTIONS = {"teacher_to_student": "t2s", "student_to_teacher": "s2t"}
 _PER_DIRECTION = ("first", "weight", "offsets", "pieces", "neighbours", "neighbour_scores")
 TENSORS = ("exact_teacher", "exact_student", "special_teacher", "special_student", "teacher_token_lengths",
            "student_token_lengths") + tuple(
@@ -267,9 +266,7 @@ def check_build_options(*, neighbours: Any, window: Any) -> None:
 
 
 def _direction(direction: str) -> str:
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be one of {sorted(_DIRECTIONS)}, got {direction!r}")
-    return _DIRECTIONS[direction]
+    return direction_code(direction)
 
 
 def _describe(view: TokenizerView) -> dict[str, Any]:

@@ -69,6 +69,12 @@ class MappingMethod:
         """``(loss (c,), {name: (c,)})`` for the block's ``c`` chunks."""
         raise NotImplementedError
 
+    def sequence_losses(self, student_logits: torch.Tensor, teacher: Any, alignment: Any, *, student_width: int,
+                        teacher_width: int, temperature: float) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """An optional per-sequence term ``(B,)`` (plus metrics) that the module adds to each chunk of the sequence;
+        None (the default) for none. It sees whole sequences, not blocks of aligned rows."""
+        return None
+
 
 def divergence_knobs(options: LossOptions) -> dict[str, Any]:
     """The keyword arguments of :func:`~xtok_kd.losses.divergences.divergence` taken from the options."""

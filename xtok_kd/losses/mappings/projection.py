@@ -9,7 +9,6 @@ import torch
 
 from ..block import Block
 from ..divergences import LOG_FLOOR, divergence
-from ..options import LossOptions
 from ..types import Direction
 from .base import MappingMethod, divergence_knobs, log_normalised, scaled, teacher_logp
 

@@ -14,6 +14,12 @@ Costs (``cost=``):
   (``teacher_embeddings=``, the lm_head weight ``(>= Vt, d)``) of the teacher token and of the student token's
   projection (first piece) into the teacher vocabulary.
 
+With ``sequence_weight > 0`` a sequence-level term (MultiLevelOT, Cui et al. 2025) is added: entropic transport
+between the positions of one sequence on each side, cost = L1 between their sorted top-k probability vectors,
+uniform marginals over the positions that predict aligned content (:mod:`xtok_kd.losses.sequence_ot`). It needs no
+token alignment, so it still compares where chunks are sparse; each chunk of a sequence carries ``sequence_weight``
+times its sequence's value (so ``mean`` over chunks and gradient accumulation stay exact).
+
 Tail atoms cost 0 to each other and 1 to every token. The ``k x k`` costs are built on the device by gathers (and one
 batched matmul for embeddings): no Python per row, no host round trip. Rows whose Sinkhorn did not converge within
 ``sinkhorn_max_iter`` are counted (metric ``sinkhorn_unconverged``, a count per call) and warned about once per call.
@@ -29,6 +35,7 @@ import torch
 from ..block import Block
 from ..cdm_match import exact_partner_vector
 from ..options import LossOptions
+from ..types import TeacherTopK
 from ..transport import (
     embedding_cost,
     embedding_self_cost,
@@ -52,7 +59,7 @@ def _with_tail(top_logp: torch.Tensor) -> torch.Tensor:
 
 class SinkhornMapping(MappingMethod):
     """See the module docstring. Knobs: ``top_k``, ``cost``, ``epsilon``, ``sinkhorn_max_iter``, ``sinkhorn_tol``,
-    ``unbiased``, ``teacher_embeddings``.
+    ``unbiased``, ``teacher_embeddings``, ``sequence_weight``.
 
     Metrics: ``sinkhorn_cost`` (mean transport cost ``<T, M>`` of the plans, in cost units) and
     ``sinkhorn_unconverged`` (how many rows did not converge, summed over the call).
@@ -115,6 +122,35 @@ class SinkhornMapping(MappingMethod):
                           f"sinkhorn_max_iter={o.sinkhorn_max_iter} (tol={o.sinkhorn_tol}, epsilon={o.epsilon}); "
                           "their loss uses the last iterate. Raise sinkhorn_max_iter or epsilon", stacklevel=3)
         return out
+
+    def sequence_losses(self, student_logits: torch.Tensor, teacher: Any, alignment: Any, *, student_width: int,
+                        teacher_width: int, temperature: float) -> tuple[torch.Tensor, dict[str, float]] | None:
+        o = self.options
+        if not o.sequence_weight:
+            return None
+        from ..sequence_ot import sequence_transport
+
+        masks = []
+        for chunk in (alignment.student_chunk, alignment.teacher_chunk):
+            chunk = torch.as_tensor(chunk, device=student_logits.device).long()
+            keep = torch.as_tensor(alignment.chunk_loss_mask, device=chunk.device)
+            content = (chunk >= 0) & keep[chunk.clamp_min(0)]
+            mask = torch.zeros_like(content)
+            mask[:, :-1] = content[:, 1:]  # a row takes part when the token it predicts is aligned content
+            masks.append(mask)
+        if not isinstance(teacher, TeacherTopK):
+            teacher = teacher[..., :teacher_width]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # counted below
+            seq = sequence_transport(student_logits[..., :student_width], teacher, masks[0], masks[1],
+                                     top_k=o.top_k or DEFAULT_TOP_K, temperature=temperature, epsilon=o.epsilon,
+                                     max_iter=o.sinkhorn_max_iter, tol=o.sinkhorn_tol, unbiased=o.unbiased)
+        bad = int((~seq.converged).sum())
+        if bad:
+            warnings.warn(f"mapping='sinkhorn': the sequence-level transport of {bad} sequence(s) did not converge "
+                          f"within sinkhorn_max_iter={o.sinkhorn_max_iter}; raise it or epsilon", stacklevel=3)
+        return o.sequence_weight * seq.value, {"sequence_ot": float(seq.value.detach().mean()) if seq.value.numel()
+                                               else 0.0, "sequence_unconverged": float(bad)}
 
     def rows(self, block: Block, buffers: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         o = self.options
