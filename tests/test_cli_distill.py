@@ -261,3 +261,23 @@ def test_teacher_cache_run(tiny_teacher, tmp_path, capsys):
                           "--output-dir", str(tmp_path / "y"), *TRAINER_FLAGS], capsys)
     assert code == 2 and "was made for another tokenizer pair" in err
     assert gpt2.fingerprint in err and load_tokenizer("mistral").fingerprint in err
+
+
+@pytest.mark.parametrize("mapping", ["alm", "cdm", "sinkhorn"])
+def test_new_mappings_train_from_a_teacher_cache(tiny_teacher, tmp_path, capsys, mapping):
+    """alm reads the cache's next-token log-probs; cdm and sinkhorn its top-k (with top_k unset they use the
+    cache's 8 tokens per position instead of their defaults, 32 and 64)."""
+    from xtok_kd import load_tokenizer
+    from xtok_kd.integrations.data import load_examples
+
+    teacher_cache = pytest.importorskip("xtok_kd.teacher_cache")
+    model, qwen = tiny_teacher
+    examples, _ = load_examples(SAMPLE_TEXT, chars_per_example=300)
+    cache = tmp_path / "cache"
+    teacher_cache.write_teacher_cache(model, qwen, load_tokenizer("mistral"), examples[:6], cache, top_k=8,
+                                      max_length=32, batch_size=3, teacher_name="tiny-qwen", progress=False)
+    out = tmp_path / "student"
+    code, stdout, err = _main(["--teacher-cache", str(cache), *STUDENT, "--mapping", mapping, "--output-dir",
+                               str(out), *TRAINER_FLAGS[:-2], "--max_steps", "2", "--save_strategy", "no"], capsys)
+    assert code == 0, err
+    assert "final (step 2):" in stdout and " kd " in stdout
