@@ -72,6 +72,12 @@ METHODS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "proj_rkl": ("projection + rkl", {"mapping": "projection", "divergence": "rkl"}),
     "proj_akl": ("projection + akl", {"mapping": "projection", "divergence": "akl"}),
     "proj_jsd": ("projection + jsd", {"mapping": "projection", "divergence": "jsd"}),
+    "proj_dkl": ("projection + dkl (1, 1)", {"mapping": "projection", "divergence": "dkl", "dkl_weights": (1.0, 1.0)}),
+    "sinkhorn": ("sinkhorn (lexical, union)", {"mapping": "sinkhorn"}),
+    "sinkhorn_topk": ("sinkhorn (lexical, top-k only)", {"mapping": "sinkhorn", "sinkhorn_support": "top_k"}),
+    "sinkhorn_seq": ("sinkhorn + sequence term", {"mapping": "sinkhorn", "sequence_weight": 1.0}),
+    "cdm": ("cdm + fkl", {"mapping": "cdm", "divergence": "fkl"}),
+    "alm": ("alm (binary kl)", {"mapping": "alm"}),
 }
 STUDENTS = ("mistral", "llama3.2")
 
@@ -366,7 +372,8 @@ def main(argv: list[str] | None = None) -> str:
             cache_dir = work / f"teacher-{name}-k{opts.top_k}-L{opts.max_length}-n{opts.train_chars}"
             t = time.time()
             write_teacher_cache(teacher, teacher_tok, student_tok, examples, cache_dir, top_k=opts.top_k,
-                                max_length=opts.max_length, batch_size=8, teacher_name="smollm2")
+                                max_length=opts.max_length, batch_size=8, teacher_name="smollm2",
+                                overwrite=True)  # its own folder: a cache of an older format is rebuilt, a valid one reused
             cache = TeacherCache(cache_dir)
             print(f"[{name}] teacher cache: {cache_dir} ({time.time() - t:.0f} s)", flush=True)
         teacher_bpb[name] = bits_per_byte(teacher, teacher_tok, heldout, max_length=4 * opts.max_length)

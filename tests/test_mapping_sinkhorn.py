@@ -30,11 +30,12 @@ def _inputs(teacher, student, seed=0, chars=240, scale=3.0):
     return al, t, s
 
 
-def test_sinkhorn_equals_the_transport_core_on_gathered_rows(qwen, mistral, qwen_mistral):
+@pytest.mark.parametrize("support", ["top_k", "union"])
+def test_sinkhorn_equals_the_transport_core_on_gathered_rows(qwen, mistral, qwen_mistral, support):
     al, t, s = _inputs(qwen, mistral)
     k = 16
     loss = CrossTokenizerKDLoss(table=qwen_mistral, mapping="sinkhorn", top_k=k, reduction="none", block_rows=9,
-                                sinkhorn_max_iter=500)
+                                sinkhorn_max_iter=500, sinkhorn_support=support)
     s1 = s.clone().requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every row converges at these settings
@@ -45,9 +46,21 @@ def test_sinkhorn_equals_the_transport_core_on_gathered_rows(qwen, mistral, qwen
     s_lp = torch.log_softmax(s2[0, rows.student_first - 1], -1)
     t_top, s_ids = t_lp.topk(k, -1), s_lp.detach().topk(k, -1).indices
     a = torch.cat([t_top.values.exp(), 1 - t_top.values.exp().sum(-1, keepdim=True)], -1)
-    q = s_lp.gather(1, s_ids).exp()
-    b = torch.cat([q, (1 - q.sum(-1, keepdim=True)).clamp_min(0)], -1)
     buffers = dict(loss.named_buffers())
+    if support == "union":  # slow reference: each teacher top-k token's student partner joins, once, as a Python set
+        exact, first = buffers["sinkhorn_exact_t2s"], buffers["sinkhorn_t2s_first"]
+        rows_ids = []
+        for r in range(s_ids.shape[0]):
+            seen, extra = set(s_ids[r].tolist()), []
+            for tok in t_top.indices[r].tolist():
+                m = int(exact[tok]) if int(exact[tok]) >= 0 else int(first[tok])
+                extra.append(m if m >= 0 and m not in seen else -1)
+                seen.add(m)
+            rows_ids.append(s_ids[r].tolist() + extra)
+        s_ids = torch.tensor(rows_ids)
+        assert (s_ids[:, k:] >= 0).any()  # the union adds tokens
+    q = s_lp.gather(1, s_ids.clamp_min(0)).exp() * (s_ids >= 0)
+    b = torch.cat([q, (1 - q.sum(-1, keepdim=True)).clamp_min(0)], -1)
     cost = lexical_cost(t_top.indices, s_ids, exact_t2s=buffers["sinkhorn_exact_t2s"],
                         t2s_first=buffers["sinkhorn_t2s_first"], s2t_first=buffers["sinkhorn_s2t_first"],
                         t2s_neighbours=buffers["sinkhorn_t2s_neighbours"],

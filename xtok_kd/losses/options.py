@@ -21,6 +21,7 @@ MappingName = Literal["projection", "uld", "hybrid", "sinkhorn", "cdm", "alm"]
 Merge = Literal["none", "observed", "bayesian"]
 Cost = Literal["lexical", "embedding"]
 AlmDivergence = Literal["binary_kl", "abs_diff"]
+SinkhornSupport = Literal["union", "top_k"]
 
 
 @dataclass
@@ -52,6 +53,7 @@ class LossOptions:
     alm_divergence: str = "binary_kl"
     dkl_weights: Any = (0.0, 1.0)
     sequence_weight: float = 0.0
+    sinkhorn_support: str = "union"
 
 
 #: Knobs that only some mappings read: setting one away from its default for another mapping is an error.
@@ -68,6 +70,7 @@ OPTION_USERS: dict[str, tuple[str, ...]] = {
     "unbiased": ("sinkhorn",),
     "teacher_embeddings": ("sinkhorn",),
     "sequence_weight": ("sinkhorn",),
+    "sinkhorn_support": ("sinkhorn",),
     "cdm_max_distance": ("cdm",),
     "alm_divergence": ("alm",),
 }
@@ -130,6 +133,7 @@ def _checks(o: LossOptions) -> list[str | None]:
         _choice("reduction", o.reduction, Reduction),
         _choice("cost", o.cost, Cost),
         _choice("alm_divergence", o.alm_divergence, AlmDivergence),
+        _choice("sinkhorn_support", o.sinkhorn_support, SinkhornSupport),
         temperature,
         dkl,
         need(isinstance(o.scale_by_temperature_sq, bool),
