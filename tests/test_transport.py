@@ -9,6 +9,7 @@ import ot
 import pytest
 import torch
 
+from xtok_kd.losses import transport
 from xtok_kd.losses.transport import (
     embedding_cost,
     embedding_self_cost,
@@ -47,11 +48,12 @@ def _kl(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ values vs POT
 
 
+@pytest.mark.parametrize("solver", ["auto", "pot"])
 @pytest.mark.parametrize(("n", "m", "zeros", "epsilon"), [(7, 7, 0, 0.1), (9, 4, 2, 0.1), (3, 11, 1, 0.05),
                                                           (17, 17, 3, 0.2)])
-def test_values_match_pot_single_problem_solver_row_by_row(n, m, zeros, epsilon):
+def test_values_match_pot_single_problem_solver_row_by_row(n, m, zeros, epsilon, solver):
     a, b, cost = _problems(6, n, m, zeros=zeros, seed=n * m)
-    result = entropic_ot(a, b, cost, epsilon=epsilon, **TIGHT)
+    result = entropic_ot(a, b, cost, epsilon=epsilon, solver=solver, **TIGHT)
     assert result.converged.all()
     for i in range(a.shape[0]):
         want = ot.sinkhorn2(a[i], b[i], cost[i], epsilon, method="sinkhorn_log", numItermax=100000, stopThr=1e-13)
@@ -88,7 +90,8 @@ def test_transport_cost_approaches_emd_as_epsilon_shrinks():
 # ------------------------------------------------------------------------------------------------ gradients
 
 
-def test_gradients_through_softmax_and_cost_match_finite_differences():
+@pytest.mark.parametrize("solver", ["auto", "pot"])
+def test_gradients_through_softmax_and_cost_match_finite_differences(solver):
     g = torch.Generator().manual_seed(5)
     teacher_logits = torch.randn(3, 6, generator=g, dtype=F64, requires_grad=True)
     student_logits = torch.randn(3, 4, generator=g, dtype=F64, requires_grad=True)
@@ -96,7 +99,8 @@ def test_gradients_through_softmax_and_cost_match_finite_differences():
     weights = torch.randn(3, generator=g, dtype=F64)
 
     def loss(t, s, c):
-        return (entropic_ot(t.softmax(-1), s.softmax(-1), c, epsilon=0.1, **TIGHT).value * weights).sum()
+        return (entropic_ot(t.softmax(-1), s.softmax(-1), c, epsilon=0.1, solver=solver, **TIGHT).value
+                * weights).sum()
 
     assert torch.autograd.gradcheck(loss, (teacher_logits, student_logits, cost), eps=1e-6, atol=1e-6)
 
@@ -153,6 +157,150 @@ def test_self_problems_take_the_symmetric_path_and_match_pot():
     asymmetric = cost + 1e-12 * torch.rand(3, 9, 9, generator=g, dtype=F64).tril(-1)  # takes POT's path
     plain = entropic_ot(a, a, asymmetric, max_iter=300, tol=1e-6)
     assert not plain.converged.all() and (plain.iterations > result.iterations).all()
+
+
+# ------------------------------------------------------------------------------------------------ exp-domain solver
+
+
+def _lexical_like(rows: int, n: int, m: int, *, zeros: int = 0, seed: int = 0):
+    """fp64 marginals and costs shaped like :func:`lexical_cost`'s: 1 except a few pairs in ``[0, 0.9]`` per atom and
+    the tail-tail 0, so the exp-domain solver keeps the kernel sparse."""
+    g = torch.Generator().manual_seed(seed + 200)
+    cost = torch.ones(rows, n, m, dtype=F64)
+    picks = torch.rand(rows, n, m, generator=g) < 1.5 / m
+    cost[picks] = 0.9 * torch.rand(int(picks.sum()), generator=g, dtype=F64)
+    cost[:, -1, -1] = 0
+    return _histograms(rows, n, zeros=zeros, seed=seed), _histograms(rows, m, zeros=zeros, seed=seed + 1), cost
+
+
+def _spy_sparse(monkeypatch) -> list[int]:
+    """Count the sparse kernels the exp-domain solver builds (and let it build them for these small problems)."""
+    monkeypatch.setattr(transport.common, "_SPARSE_DENSITY", 0.5)
+    built = []
+    original = transport.fast_solver._Kernel.from_support.__func__
+
+    def spy(cls, *args, **kwargs):
+        built.append(1)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transport.fast_solver._Kernel, "from_support", classmethod(spy))
+    return built
+
+
+# (dense tail, small-kernel threshold): sparse throughout with the index_select/scatter products; sparse with the
+# take/put products; sparse, then the last rows densified
+SPARSE_MODES = [(0, 0), (0, 10**9), (400, 0)]
+
+
+@pytest.mark.parametrize(("dense_tail", "small_nnz"), SPARSE_MODES)
+def test_sparse_kernel_matches_pot_values_potentials_and_iterations(monkeypatch, dense_tail, small_nnz):
+    monkeypatch.setattr(transport.common, "_DENSE_TAIL", dense_tail)
+    monkeypatch.setattr(transport.common, "_SMALL_NNZ", small_nnz)
+    built = _spy_sparse(monkeypatch)
+    a, b, cost = _lexical_like(8, 12, 10, zeros=2, seed=1)
+    cost[::3] *= 3  # rows with a wider span converge later: rows leave the batch at different rounds
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    fast = entropic_ot(a1, b1, cost, solver="fast", **TIGHT)
+    assert built and fast.converged.all() and fast.iterations.unique().numel() > 1
+    a2, b2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    pot = entropic_ot(a2, b2, cost, solver="pot", **TIGHT)
+    torch.testing.assert_close(fast.value, pot.value, rtol=0, atol=1e-9)
+    torch.testing.assert_close(fast.transport_cost, pot.transport_cost, rtol=0, atol=1e-9)
+    weights = torch.rand(8, dtype=F64)
+    fa, fb = torch.autograd.grad((fast.value * weights).sum(), (a1, b1))
+    pa, pb = torch.autograd.grad((pot.value * weights).sum(), (a2, b2))
+    torch.testing.assert_close(fa, pa, rtol=0, atol=1e-8)  # zero-mass atoms included (the soft c-transform)
+    torch.testing.assert_close(fb, pb, rtol=0, atol=1e-8)
+    for i in range(8):
+        want = ot.sinkhorn2(a[i], b[i], cost[i], 0.1, method="sinkhorn_log", numItermax=100000, stopThr=1e-13)
+        assert abs(float(fast.transport_cost[i]) - float(want)) < 1e-5
+        one = entropic_ot(a[i:i + 1], b[i:i + 1], cost[i:i + 1], solver="fast", **TIGHT)
+        torch.testing.assert_close(fast.value[i:i + 1], one.value, rtol=0, atol=1e-9)
+        assert fast.iterations[i] == one.iterations[0]
+
+
+def test_sparse_kernel_gradient_of_the_cost_is_the_plan(monkeypatch):
+    monkeypatch.setattr(transport.common, "_DENSE_TAIL", 0)
+    built = _spy_sparse(monkeypatch)
+    a, b, cost = _lexical_like(3, 6, 5, zeros=1, seed=4)
+    cost.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda c: entropic_ot(a, b, c, solver="fast", **TIGHT).value.sum(), (cost,),
+                                    eps=1e-6, atol=1e-6)
+    assert built
+
+
+@pytest.mark.parametrize(("dense_tail", "small_nnz"), SPARSE_MODES)
+def test_sparse_symmetric_path_matches_pot(monkeypatch, dense_tail, small_nnz):
+    monkeypatch.setattr(transport.common, "_DENSE_TAIL", dense_tail)
+    monkeypatch.setattr(transport.common, "_SMALL_NNZ", small_nnz)
+    built = _spy_sparse(monkeypatch)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 50, (8, 8), generator=g)
+    a = _histograms(8, 9, zeros=1, seed=1)
+    cost = self_cost(ids, dtype=F64)
+    result = entropic_ot(a, a, cost, solver="fast", **TIGHT)
+    assert built and result.converged.all() and (result.iterations <= 30).all()
+    reference = entropic_ot(a, a, cost, solver="pot", **TIGHT)
+    torch.testing.assert_close(result.value, reference.value, rtol=0, atol=1e-9)
+    for i in (0, 5):
+        want = ot.sinkhorn2(a[i], a[i], cost[i], 0.1, method="sinkhorn_log", numItermax=200000, stopThr=1e-9)
+        assert abs(float(result.transport_cost[i]) - float(want)) < 1e-5
+
+
+def test_auto_sends_rows_with_a_wide_cost_span_to_pot_and_fast_refuses_them():
+    a, b, cost = _problems(6, 5, 7, zeros=1, seed=6)
+    a, b, cost = a.float(), b.float(), cost.float()
+    cost[1] *= 5  # span / epsilon up to 50 > 30 in fp32: the exp-domain kernel would reach exp(-50)
+    cost[4] *= 4
+    auto = entropic_ot(a, b, cost, max_iter=2000, tol=1e-5)
+    pot = entropic_ot(a, b, cost, max_iter=2000, tol=1e-5, solver="pot")
+    assert auto.converged.all() and pot.converged.all()
+    torch.testing.assert_close(auto.value, pot.value, rtol=0, atol=2e-5)
+    torch.testing.assert_close(auto.iterations[[1, 4]], pot.iterations[[1, 4]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"solver='fast' needs every row's cost span .* row 1; use solver='auto'"):
+        entropic_ot(a, b, cost, solver="fast")
+    with pytest.raises(ValueError, match=r"solver must be one of"):
+        entropic_ot(a, b, cost, solver="exp")
+
+
+def test_fast_and_pot_agree_on_realistic_fp32_rows():
+    """Top-k rows with a lexical cost as in ``benchmarks/bench_sinkhorn.py``, large enough for the sparse kernel."""
+    g = torch.Generator().manual_seed(3)
+    vocab, k = 512, 16
+    teacher = torch.randn(96, vocab, generator=g) * 4
+    student = teacher + torch.randn(96, vocab, generator=g)
+
+    def top(logits):
+        p, ids = logits.double().softmax(-1).topk(k, -1)
+        return torch.cat([p, (1 - p.sum(-1, keepdim=True)).clamp_min(0)], -1).float(), ids
+
+    (a, t_ids), (b, s_ids) = top(teacher), top(student)
+    neighbours = torch.randint(0, vocab, (vocab, 3), generator=g)
+    cost = lexical_cost(t_ids, s_ids, exact_t2s=torch.arange(vocab), t2s_neighbours=neighbours,
+                        t2s_neighbour_scores=torch.rand(vocab, 3, generator=g) * 0.8)
+    assert 96 * (k + 1) ** 2 > transport.common._DENSE_TAIL
+    built = []
+    original = transport.fast_solver._Kernel.from_support.__func__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transport.fast_solver._Kernel, "from_support",
+                      classmethod(lambda cls, *args, **kw: built.append(1) or original(cls, *args, **kw)))
+        fast = entropic_ot(a, b, cost, solver="fast")
+    pot = entropic_ot(a, b, cost, solver="pot")
+    assert built  # the default thresholds pick the sparse kernel for a lexical cost
+    assert fast.value.dtype == torch.float32 and fast.converged.float().mean() > 0.95
+    assert (fast.converged == pot.converged).float().mean() > 0.95
+    both = fast.converged & pot.converged
+    assert (fast.value - pot.value)[both].abs().max() < 2e-4  # both stop within tol=1e-4 of the marginals
+    tight = entropic_ot(a.double(), b.double(), cost.double(), max_iter=5000, tol=1e-10, solver="pot")
+    assert (fast.value.double() - tight.value)[fast.converged].abs().max() < 2e-4
+
+
+def test_negative_infinite_cost_is_named():
+    a, b, cost = _problems(2, 3, 4)
+    cost[1, 2, 0] = -math.inf
+    for solver in ("auto", "pot"):
+        with pytest.raises(ValueError, match=r"cost\[1, 2, 0\] = -inf"):
+            entropic_ot(a, b, cost, solver=solver)
 
 
 # ------------------------------------------------------------------------------------------------ cost builders
@@ -220,6 +368,73 @@ def test_lexical_cost_of_the_identity_table_is_self_cost():
               "teacher_lengths": torch.randint(1, 6, (vocab,), generator=g)}
     tables["student_lengths"] = tables["teacher_lengths"]
     torch.testing.assert_close(lexical_cost(ids, ids, **tables), self_cost(ids), rtol=0, atol=0)
+
+
+def _lexical_reference(teacher, student, tables) -> torch.Tensor:
+    """The rules of :func:`lexical_cost`, pair by pair in Python floats."""
+    exact, t2s_first, s2t_first = tables["exact_t2s"], tables.get("t2s_first"), tables.get("s2t_first")
+    len_t, len_s = tables.get("teacher_lengths"), tables.get("student_lengths")
+    t2s, t2s_score = tables.get("t2s_neighbours"), tables.get("t2s_neighbour_scores")
+    s2t, s2t_score = tables.get("s2t_neighbours"), tables.get("s2t_neighbour_scores")
+    rows, k, k2 = len(teacher), len(teacher[0]), len(student[0])
+    out = torch.ones(rows, k + 1, k2 + 1, dtype=F64)
+    out[:, k, k2] = 0
+    for r in range(rows):
+        for i, t in enumerate(teacher[r]):
+            for j, s in enumerate(student[r]):
+                if t < 0 or s < 0:
+                    continue
+                sim = 1.0 if int(exact[t]) == s else 0.0
+                if t2s_first is not None and int(t2s_first[t]) == s:
+                    sim = max(sim, min(1.0, float(len_s[s]) / max(1.0, float(len_t[t]))))
+                if s2t_first is not None and int(s2t_first[s]) == t:
+                    sim = max(sim, min(1.0, float(len_t[t]) / max(1.0, float(len_s[s]))))
+                for c in range(0 if t2s is None else t2s.shape[1]):
+                    if int(t2s[t, c]) == s:
+                        sim = max(sim, float(t2s_score[t, c]))
+                for c in range(0 if s2t is None else s2t.shape[1]):
+                    if int(s2t[s, c]) == t:
+                        sim = max(sim, float(s2t_score[s, c]))
+                out[r, i, j] = 1 - min(1.0, max(0.0, sim))
+    return out
+
+
+@pytest.mark.parametrize("lookup", ["direct", "table"])
+@pytest.mark.parametrize("which", ["exact", "first", "all"])
+def test_lexical_cost_matches_a_slow_loop(monkeypatch, lookup, which):
+    """Random small tables: repeated ids within a row, empty slots, -1 table entries, scores outside [0, 1]."""
+    if lookup == "table":  # force the blocked map/table lookup, several blocks of rows
+        monkeypatch.setattr(transport.common, "_DIRECT_LOOKUP", 0)
+        monkeypatch.setattr(transport.common, "_LOOKUP_TABLE", 64)
+    g = torch.Generator().manual_seed(12)
+    vt, vs, rows = 23, 19, 9
+
+    def ids(v, width):
+        x = torch.randint(0, v, (rows, width), generator=g)
+        x[torch.rand(rows, width, generator=g) < 0.1] = -1
+        x[2, 1] = x[2, 4] = max(int(x[2, 4]), 0)  # a repeated id
+        return x
+
+    def partners(v_from, v_to, width=None):
+        shape = (v_from,) if width is None else (v_from, width)
+        x = torch.randint(0, v_to, shape, generator=g)
+        x[torch.rand(shape, generator=g) < 0.3] = -1
+        return x
+
+    tables = {"exact_t2s": partners(vt, vs)}
+    if which != "exact":
+        tables.update(t2s_first=partners(vt, vs), s2t_first=partners(vs, vt),
+                      teacher_lengths=torch.randint(0, 7, (vt,), generator=g),
+                      student_lengths=torch.randint(0, 7, (vs,), generator=g))
+    if which == "all":
+        tables.update(t2s_neighbours=partners(vt, vs, 3), s2t_neighbours=partners(vs, vt, 2),
+                      t2s_neighbour_scores=torch.rand(vt, 3, generator=g) * 1.4 - 0.2,
+                      s2t_neighbour_scores=torch.rand(vs, 2, generator=g) * 1.4 - 0.2)
+    teacher, student = ids(vt, 7), ids(vs, 6)
+    teacher[5, 0] = teacher[5, 6] = 3
+    want = _lexical_reference(teacher.tolist(), student.tolist(), tables)
+    torch.testing.assert_close(lexical_cost(teacher, student, dtype=F64, **tables), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lexical_cost(teacher, student, **tables), want.float(), rtol=0, atol=1e-6)
 
 
 def test_lexical_cost_errors_name_the_bad_input():

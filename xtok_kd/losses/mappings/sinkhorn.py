@@ -3,8 +3,10 @@
 Each aligned row's teacher distribution is cut to its top-``k`` (``top_k``, default 64) plus one tail atom holding
 the rest of its mass, and likewise the student's, so both marginals sum to 1 and nothing is dropped. The loss is the
 entropic transport objective between them (or, with ``unbiased=True``, the Sinkhorn divergence
-``W(P,Q) - W(P,P)/2 - W(Q,Q)/2``, 0 for identical inputs), solved for all rows of a block at once by POT's batched
-log-domain Sinkhorn (:mod:`xtok_kd.losses.transport`, which states the gradient convention and the defaults).
+``W(P,Q) - W(P,P)/2 - W(Q,Q)/2``, 0 for identical inputs), solved for all rows of a block at once by the batched
+solver of :mod:`xtok_kd.losses.transport` (which states the gradient convention and the defaults): exp-domain
+iterations with sparse lexical kernels where a row's kernel stays in range, POT's batched log-domain solver
+(``ot.batch``) for the other rows, as the reference in the tests and as ``solver="pot"``.
 
 Costs (``cost=``):
 
