@@ -73,9 +73,10 @@ METHODS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "proj_akl": ("projection + akl", {"mapping": "projection", "divergence": "akl"}),
     "proj_jsd": ("projection + jsd", {"mapping": "projection", "divergence": "jsd"}),
     "proj_dkl": ("projection + dkl (1, 1)", {"mapping": "projection", "divergence": "dkl", "dkl_weights": (1.0, 1.0)}),
-    "sinkhorn": ("sinkhorn (lexical, union)", {"mapping": "sinkhorn"}),
-    "sinkhorn_topk": ("sinkhorn (lexical, top-k only)", {"mapping": "sinkhorn", "sinkhorn_support": "top_k"}),
-    "sinkhorn_seq": ("sinkhorn + sequence term", {"mapping": "sinkhorn", "sequence_weight": 1.0}),
+    "sinkhorn": ("sinkhorn (lexical, top-k)", {"mapping": "sinkhorn"}),
+    "sinkhorn_union": ("sinkhorn (lexical, union)", {"mapping": "sinkhorn", "sinkhorn_support": "union"}),
+    "sinkhorn_seq": ("sinkhorn (union) + sequence term",
+                     {"mapping": "sinkhorn", "sinkhorn_support": "union", "sequence_weight": 1.0}),
     "cdm": ("cdm + fkl", {"mapping": "cdm", "divergence": "fkl"}),
     "alm": ("alm (binary kl)", {"mapping": "alm"}),
 }

@@ -73,8 +73,8 @@ class CrossTokenizerKDLoss(nn.Module):
             tolerance; rows that did not converge are counted in the metric ``sinkhorn_unconverged`` and warned about.
         sequence_weight: ``sinkhorn``: weight of the sequence-level transport term (MultiLevelOT; 0 = off): every
             chunk of a sequence carries this times the sequence's value (metric ``sequence_ot``).
-        sinkhorn_support: ``sinkhorn``: the student's atoms, ``union`` (default: its top-k plus the tokens the
-            teacher's top-k map to) or ``top_k`` (its top-k alone; measured to gain nothing over CE-only).
+        sinkhorn_support: ``sinkhorn``: the student's atoms, ``top_k`` (default: its top-k) or ``union`` (plus the
+            tokens the teacher's top-k map to); both gained little in ``benchmarks/quality.py``.
         unbiased: ``sinkhorn``: the Sinkhorn divergence ``W(P,Q) - W(P,P)/2 - W(Q,Q)/2`` (0 for identical inputs).
         teacher_embeddings: ``sinkhorn`` with ``cost="embedding"``: the teacher's output embeddings ``(Vt, d)``.
         cdm_max_distance: ``cdm``: largest normalised edit distance of a candidate pair (CDM: about 0.1).
@@ -148,7 +148,7 @@ class CrossTokenizerKDLoss(nn.Module):
         alm_divergence: str = "binary_kl",
         dkl_weights: tuple[float, float] = (0.0, 1.0),
         sequence_weight: float = 0.0,
-        sinkhorn_support: str = "union",
+        sinkhorn_support: str = "top_k",
         teacher_vocab_size: int | None = None,
         student_vocab_size: int | None = None,
         chunk_size: Any = _UNSET,

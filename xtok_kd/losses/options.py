@@ -53,7 +53,7 @@ class LossOptions:
     alm_divergence: str = "binary_kl"
     dkl_weights: Any = (0.0, 1.0)
     sequence_weight: float = 0.0
-    sinkhorn_support: str = "union"
+    sinkhorn_support: str = "top_k"
 
 
 #: Knobs that only some mappings read: setting one away from its default for another mapping is an error.
