@@ -11,7 +11,14 @@ from torch import nn
 
 from .divergences import check_num_items, reduce_rows
 from .engine import chunked_kd
-from .inputs import check_fingerprints, check_ids, check_topk, check_width, max_padding, unpack
+from .inputs import (
+    check_fingerprints,
+    check_ids,
+    check_topk,
+    check_width,
+    max_padding,
+    unpack,
+)
 from .mappings import MAPPINGS
 from .options import LossOptions, MappingName, is_count, option_problems
 from .types import KDLossOutput, TeacherTopK

@@ -37,7 +37,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .transport import DEFAULT_EPSILON, DEFAULT_MAX_ITER, DEFAULT_TOL, entropic_ot, sinkhorn_divergence
+from .transport import (
+    DEFAULT_EPSILON,
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    entropic_ot,
+    sinkhorn_divergence,
+)
 from .types import TeacherTopK
 
 __all__ = ["DEFAULT_SEQUENCE_TOP_K", "SequenceOT", "sequence_transport"]

@@ -20,9 +20,8 @@ import json
 import os
 from typing import Any
 
-
-from ..tokenizer import TokenizerView, load_tokenizer
 from ..directions import Direction, direction_code
+from ..tokenizer import TokenizerView, load_tokenizer
 from .files import write_atomically
 from .table_file import (  # noqa: F401  (half_up, table_file_problem and the private helpers are imported from here)
     _FORMAT,
@@ -139,8 +138,8 @@ class VocabAlignment:
             progress: show a tqdm bar over the build stages.
         """
         check_build_options(neighbours=neighbours, window=window)
-        from .build import build_arrays
         from .. import __version__
+        from .build import build_arrays
 
         t_view, s_view = load_tokenizer(teacher), load_tokenizer(student)
         arrays, info, timings = build_arrays(t_view, s_view, neighbours=neighbours, window=window,

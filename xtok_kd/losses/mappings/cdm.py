@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..block import Block
-from ..cdm_match import matching_tensors, match_topk
+from ..cdm_match import match_topk, matching_tensors
 from ..divergences import LOG_FLOOR, divergence
 from ..options import LossOptions
 from .base import MappingMethod, divergence_knobs, scaled

@@ -45,7 +45,6 @@ import torch
 from ..block import Block
 from ..cdm_match import exact_partner_vector
 from ..options import LossOptions
-from ..types import TeacherTopK
 from ..transport import (
     embedding_cost,
     embedding_self_cost,
@@ -54,6 +53,7 @@ from ..transport import (
     self_cost,
     sinkhorn_divergence,
 )
+from ..types import TeacherTopK
 from .base import MappingMethod, scaled
 
 __all__ = ["DEFAULT_TOP_K", "SinkhornMapping"]
