@@ -239,7 +239,7 @@ def test_align_reports_every_problem_at_once(files, monkeypatch, capsys):
 
 
 def test_unwritable_output_folder_is_found_before_any_work(files, monkeypatch, capsys):
-    import xtok_kd.vocab.table as table_module
+    import xtok_kd.vocab.table_file as table_module  # where check_save_target reads probe_writable
 
     spy = _Spy(monkeypatch)
     locked = files / "folder"
