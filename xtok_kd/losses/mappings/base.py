@@ -25,7 +25,7 @@ from ..block import Block
 from ..divergences import LOG_FLOOR
 from ..options import LossOptions
 
-__all__ = ["MappingMethod", "divergence_knobs", "log_normalised", "merged_probs", "safe_log", "scaled", "teacher_logp"]
+__all__ = ["MappingMethod", "divergence_knobs", "one_tokenizer", "teacher_top", "log_normalised", "merged_probs", "safe_log", "scaled", "teacher_logp"]
 
 
 class MappingMethod:
@@ -80,6 +80,25 @@ def divergence_knobs(options: LossOptions) -> dict[str, Any]:
     """The keyword arguments of :func:`~xtok_kd.losses.divergences.divergence` taken from the options."""
     return {"kind": options.divergence, "beta": options.beta, "alpha": options.alpha, "mu": options.mu,
             "dkl_weights": tuple(options.dkl_weights)}
+
+
+def one_tokenizer(table: Any) -> bool:
+    """Whether ``table`` pairs a tokenizer with itself (same fingerprint on both sides): every id is then its own
+    partner, rather than, say, a byte-fallback piece's regular twin."""
+    fingerprint = getattr(table, "teacher_fingerprint", None)
+    return fingerprint is not None and fingerprint == getattr(table, "student_fingerprint", None)
+
+
+def teacher_top(block: Block, k: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The teacher's top-``k`` per row: ``(log-probs (c, Vt) or None for a cached teacher, values (c, k'),
+    ids (c, k'))`` with ``k' = min(k, width)``; a cached teacher's empty or ruled-out slots get id -1."""
+    if block.teacher_logits is not None:
+        t_lp = torch.log_softmax(scaled(block.teacher_logits, block.temperature), -1)
+        top = t_lp.topk(min(k, t_lp.shape[-1]), -1)
+        return t_lp, top.values, top.indices
+    ids, logp = block.teacher_topk_ids, block.teacher_topk_logp
+    top = logp.topk(min(k, logp.shape[-1]), -1)
+    return None, top.values, ids.gather(1, top.indices).masked_fill(top.values == float("-inf"), -1)
 
 
 def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ..block import Block
 from ..cdm_match import match_topk, matching_tensors
 from ..divergences import LOG_FLOOR, divergence
 from ..options import LossOptions
-from .base import MappingMethod, divergence_knobs, scaled
+from .base import MappingMethod, divergence_knobs, one_tokenizer, scaled, teacher_top
 
 __all__ = ["CdmMapping", "DEFAULT_TOP_K"]
 
@@ -62,8 +62,7 @@ class CdmMapping(MappingMethod):
     def buffers(self, table: Any, teacher_vocab_size: int | None,
                 student_vocab_size: int | None) -> dict[str, torch.Tensor | None]:
         out = {}
-        same = getattr(table, "teacher_fingerprint", None) is not None and (
-            table.teacher_fingerprint == getattr(table, "student_fingerprint", None))
+        same = one_tokenizer(table)
         for d, direction in (("t2s", "teacher_to_student"), ("s2t", "student_to_teacher")):
             for key, value in matching_tensors(table, direction).items():
                 out[f"cdm_{d}_{key}"] = value
@@ -77,14 +76,7 @@ class CdmMapping(MappingMethod):
         s_lp = torch.log_softmax(scaled(block.student_logits, block.temperature), -1)
         vs = s_lp.shape[-1]
         s_top = s_lp.detach().topk(min(k, vs), -1)
-        if block.teacher_logits is not None:
-            t_lp = torch.log_softmax(scaled(block.teacher_logits, block.temperature), -1)
-            t_top_vals, t_top_ids = t_lp.topk(min(k, t_lp.shape[-1]), -1)
-        else:
-            ids, logp = block.teacher_topk_ids, block.teacher_topk_logp
-            order = logp.topk(min(k, logp.shape[-1]), -1)
-            t_top_vals, t_top_ids = order.values, ids.gather(1, order.indices)
-            t_top_ids = t_top_ids.masked_fill(t_top_vals == float("-inf"), -1)
+        t_lp, t_top_vals, t_top_ids = teacher_top(block, k)
         t2s = {key[8:]: v for key, v in buffers.items() if key.startswith("cdm_t2s_")}
         s2t = {key[8:]: v for key, v in buffers.items() if key.startswith("cdm_s2t_")}
         s_partner, _ = match_topk(t_top_ids, s_top.indices, **t2s, min_score=min_score)

@@ -54,7 +54,7 @@ from ..transport import (
     sinkhorn_divergence,
 )
 from ..types import TeacherTopK
-from .base import MappingMethod, scaled
+from .base import MappingMethod, one_tokenizer, scaled, teacher_top
 
 __all__ = ["DEFAULT_TOP_K", "SinkhornMapping"]
 
@@ -124,8 +124,7 @@ class SinkhornMapping(MappingMethod):
 
     def buffers(self, table: Any, teacher_vocab_size: int | None,
                 student_vocab_size: int | None) -> dict[str, torch.Tensor | None]:
-        same = getattr(table, "teacher_fingerprint", None) is not None and (
-            table.teacher_fingerprint == getattr(table, "student_fingerprint", None))
+        same = one_tokenizer(table)
         exact = torch.arange(int(table.teacher_vocab_size)) if same else exact_partner_vector(
             table, "teacher_to_student")
         out: dict[str, torch.Tensor | None] = {"sinkhorn_exact_t2s": exact}
@@ -188,18 +187,11 @@ class SinkhornMapping(MappingMethod):
         k = o.top_k or DEFAULT_TOP_K
         s_lp = torch.log_softmax(scaled(block.student_logits, block.temperature), -1)
         s_ids = s_lp.detach().topk(min(k, s_lp.shape[-1]), -1).indices
-        if block.teacher_logits is not None:
-            t_lp = torch.log_softmax(scaled(block.teacher_logits, block.temperature), -1)
-            top = t_lp.topk(min(k, t_lp.shape[-1]), -1)
-            t_ids, t_top = top.indices, top.values
-        else:
-            ids, logp = block.teacher_topk_ids, block.teacher_topk_logp
-            if o.top_k is not None and o.top_k > ids.shape[-1]:
-                raise ValueError(f"top_k={o.top_k} but the cached teacher holds only {ids.shape[-1]} tokens per "
-                                 f"position; pass top_k <= {ids.shape[-1]} or cache a larger top-k")
-            top = logp.topk(min(k, logp.shape[-1]), -1)
-            t_top, t_ids = top.values, ids.gather(1, top.indices)
-            t_ids = t_ids.masked_fill(t_top == float("-inf"), -1)
+        cached = block.teacher_topk_ids
+        if cached is not None and o.top_k is not None and o.top_k > cached.shape[-1]:
+            raise ValueError(f"top_k={o.top_k} but the cached teacher holds only {cached.shape[-1]} tokens per "
+                             f"position; pass top_k <= {cached.shape[-1]} or cache a larger top-k")
+        _, t_top, t_ids = teacher_top(block, k)
         a = _with_tail(t_top)
         if o.sinkhorn_support == "union":  # the student tokens the teacher's top-k map to join the student's atoms
             s_ids = _union(s_ids, _mapped(t_ids, buffers))
