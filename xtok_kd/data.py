@@ -1,9 +1,11 @@
 """CrossTokenizerCollator: examples -> both tokenizations, padded, plus their batched Alignment.
 
-Two kinds of examples:
+Three kinds of examples:
 
 * ``{"text": "..."}``: each tokenizer encodes the text as its model sees it (BOS/EOS added by the tokenizer get
   empty spans and belong to no chunk). An empty text gives a sample with no content and no chunk.
+* ``{"prompt": "...", "completion": "..."}``: encoded as the text ``prompt + completion``; the loss (KD chunks and
+  student labels) covers the completion's bytes only, whatever ``loss_on`` says; all of the text is content.
 * ``{"messages": [{"role": ..., "content": ...}, ...]}``: each side renders the conversation with its OWN chat
   template. Only message content is aligned; template markers (``<|im_start|>assistant\\n``,
   ``<|start_header_id|>...``, a default system prompt) are in no chunk, and so is a token that straddles template
@@ -276,7 +278,8 @@ class CrossTokenizerCollator:
             ``alignment.truncated_bytes``; never paired.
         teacher_max_length / student_max_length: per-side limits.
         loss_on: ``"all"`` content, or ``"assistant"`` content only (chat examples; a text example counts all
-            of its text): sets ``alignment.chunk_loss_mask`` and the student labels.
+            of its text, a prompt/completion example its completion): sets ``alignment.chunk_loss_mask`` and the
+            student labels.
         pad_to_multiple_of: round padded lengths up.
 
     Returns (from ``__call__``) a dict:
@@ -285,7 +288,8 @@ class CrossTokenizerCollator:
       ``(B, L)`` int64 tensors.
     * ``student_labels``: ``(B, Ls)``, the student's own next-token labels. A student token gets its id iff it is
       content (a non-empty span in content coordinates) inside a loss range of its sample (``loss_on="all"``:
-      all content; ``"assistant"``: assistant message content), else -100. The rule reads the student's text
+      all content; ``"assistant"``: assistant message content; a prompt/completion example: the tokens starting
+      in its completion), else -100. The rule reads the student's text
       and ``loss_on`` only, never the teacher: student tokens the teacher cannot pair (teacher truncated
       earlier, a message only the student's template renders) keep their labels. Tokens that are not content
       are never labelled: BOS/EOS the tokenizer adds, padding, and every chat-template token, including the
@@ -342,9 +346,22 @@ class CrossTokenizerCollator:
 
     def encode_example(self, example: Mapping[str, Any]) -> EncodedPair:
         """Both sides of one example in content coordinates, with its loss and content byte ranges."""
-        if not isinstance(example, Mapping) or ("text" in example) == ("messages" in example):
+        forms = [isinstance(example, Mapping) and key in example for key in ("text", "messages", "prompt")]
+        paired = isinstance(example, Mapping) and ("prompt" in example) == ("completion" in example)
+        if sum(forms) != 1 or not paired:
             keys = list(example) if isinstance(example, Mapping) else type(example).__name__
-            raise ValueError(f"each example needs exactly one of 'text' or 'messages'; got {keys}")
+            raise ValueError(f"each example needs exactly one of 'text' or 'messages', or both 'prompt' and "
+                             f"'completion' (the loss then covers the completion only); got {keys}")
+        if "prompt" in example:
+            prompt, completion = example["prompt"], example["completion"]
+            for name, value in (("prompt", prompt), ("completion", completion)):
+                if not isinstance(value, str):
+                    raise ValueError(f"{name!r} must be a str, got {type(value).__name__}")  # noqa: TRY004
+            text = prompt + completion
+            teacher, student = _encode_text(self.teacher, text), _encode_text(self.student, text)
+            start, end = len(prompt.encode("utf-8")), len(text.encode("utf-8"))
+            return EncodedPair(teacher, student, np.array([[start, end]], dtype=np.int64),
+                               np.array([[0, end]], dtype=np.int64))
         if "text" in example:
             text = example["text"]
             if not isinstance(text, str):

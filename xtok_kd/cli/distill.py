@@ -268,7 +268,7 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
 
     # models ---------------------------------------------------------------------------------------
     teacher = None
-    if kd and cache is None:
+    if kd and (cache is None or (opts.lmbda > 0 and opts.teacher is not None)):  # a cache + on-policy batches
         teacher = _load_model(opts.teacher, role="teacher", dtype=opts.teacher_dtype)
         p = _width_problem(teacher, teacher_view, role="teacher")
         if p:
@@ -291,6 +291,7 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
     say(f"student: {opts.student or f'new {opts.student_config} Llama'} ({n_params / 1e6:.1f} M parameters), "
         f"tokenizer {student_view.name!r} ({student_view.vocab_size:,} ids)")
     say("teacher: " + (f"{opts.teacher} (tokenizer {teacher_view.name!r}, {teacher_view.vocab_size:,} ids)"
+                         + (" for the on-policy batches, the cache's top-k for the others" if cache is not None else "")
                          if teacher is not None else "the cache's top-k" if cache is not None and kd else "none"))
 
     # the trainer ----------------------------------------------------------------------------------
@@ -305,13 +306,18 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
     loss_options = ({"mapping": opts.mapping, "divergence": opts.divergence, "temperature": opts.temperature,
                      "block_rows": opts.loss_block_rows}
                     if kd else None)  # --kd-weight 0: no KD term, no table
+    # A live teacher beside a cache (on-policy batches) gives the same top-k as the cache unless told otherwise.
+    teacher_top_k = opts.teacher_top_k if cache is None else (
+        opts.teacher_top_k or cache.top_k if teacher is not None else None)
     with _memory_guard("building the trainer"):
         trainer = CrossTokenizerKDTrainer(
             model=student, args=training_args, teacher_model=teacher, teacher_tokenizer=teacher_view,
             student_tokenizer=student_view, loss_options=loss_options, kd_weight=opts.kd_weight,
-            ce_weight=opts.ce_weight, teacher_top_k=opts.teacher_top_k if cache is None else None,
+            ce_weight=opts.ce_weight, teacher_top_k=teacher_top_k,
             max_length=None if cache is not None else max_length, loss_on=None if cache is not None else loss_on,
-            train_dataset=data.train, eval_dataset=data.eval, callbacks=[_LogLastStep()])
+            train_dataset=data.train, eval_dataset=data.eval, callbacks=[_LogLastStep()], lmbda=opts.lmbda,
+            max_new_tokens=opts.max_new_tokens, on_policy_temperature=opts.on_policy_temperature,
+            prompt_share=opts.prompt_share)
     record: dict[str, Any] = {"format": MARKER_FORMAT, "version": 1, "command": command, "status": "running",
                               "options": asdict(opts), "output_dir": str(output_dir)}
     if trainer.is_world_process_zero():

@@ -49,7 +49,7 @@ class DistillArguments:
 
     teacher: str | None = field(default=None, metadata={"help": (
         "teacher model: a hub id, a folder with config.json and weights, a .gguf file, or the embedded 'smollm2'. "
-        "Not needed with --teacher-cache or --kd-weight 0")})
+        "Not needed with --teacher-cache (unless --lmbda > 0: it grades the on-policy batches) or --kd-weight 0")})
     teacher_tokenizer: str | None = field(default=None, metadata={"help": (
         "teacher tokenizer (default: the teacher's own; with --teacher-cache: the cache's): a folder with "
         "tokenizer.json, a hub id, or an embedded name (qwen2.5, mistral, gpt2)")})
@@ -102,6 +102,18 @@ class DistillArguments:
         "it (256-1024) on a GPU for speed")})
     kd_weight: float = field(default=1.0, metadata={"help": "weight of the distillation loss (0: plain fine-tuning)"})
     ce_weight: float = field(default=1.0, metadata={"help": "weight of the student's own next-token cross-entropy"})
+    lmbda: float = field(default=0.0, metadata={"help": (
+        "on-policy distillation (GKD): the probability, in [0, 1], that a training micro-batch is replaced by text "
+        "the student writes itself (it continues each row's prompt by sampling), graded by the live teacher: KD on "
+        "the completion only, no cross-entropy on the student's own samples. Needs --teacher (with --teacher-cache "
+        "too: the cache serves the other batches) and text or prompt/completion rows; costs one generation per "
+        "on-policy batch. 0: off")})
+    max_new_tokens: int | None = field(default=None, metadata={"help": (
+        "--lmbda > 0: tokens the student writes per row (default: as many as the row's own completion had)")})
+    on_policy_temperature: float = field(default=1.0, metadata={"help": (
+        "--lmbda > 0: the student's sampling temperature, > 0 (no top-k/top-p filtering)")})
+    prompt_share: float = field(default=0.5, metadata={"help": (
+        "--lmbda > 0: share of a text row's student tokens kept as the prompt, in (0, 1)")})
     max_length: int | None = field(default=None, metadata={"help": (
         f"tokens per example and side, longer ones are truncated ({DEFAULT_MAX_LENGTH}; with --teacher-cache: the "
         "cache's)")})
@@ -307,6 +319,19 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
         p = _number_problem(option, value, low=low, low_open=low_open)
         if p:
             add(p + ("" if option == "--temperature" else " (0 switches that term off)"))
+    on_policy = _number_problem("--lmbda", opts.lmbda, low=0.0, high=1.0) is None and opts.lmbda > 0
+    add(_number_problem("--lmbda", opts.lmbda, low=0.0, high=1.0))
+    add(_number_problem("--on-policy-temperature", opts.on_policy_temperature, low=0.0, low_open=True))
+    add(_number_problem("--prompt-share", opts.prompt_share, low=0.0, low_open=True, high=1.0, high_open=True))
+    if opts.max_new_tokens is not None:
+        add(check_int("--max-new-tokens", opts.max_new_tokens, low=1))
+    if on_policy and opts.teacher_cache is not None and opts.teacher is None:
+        add(f"--lmbda {opts.lmbda:g} with --teacher-cache needs --teacher too: on-policy batches are the student's "
+            "own text, which the cache holds no teacher predictions for; pass --teacher MODEL (the cache still "
+            "serves the other batches), or --lmbda 0")
+    if on_policy and isinstance(opts.kd_weight, (int, float)) and opts.kd_weight == 0:
+        add(f"--lmbda {opts.lmbda:g} with --kd-weight 0: on-policy batches are trained by the KD term only (no "
+            "cross-entropy on the student's own samples); set --kd-weight > 0, or --lmbda 0")
     add(check_int("--loss-block-rows", opts.loss_block_rows, low=1, high=1 << 20))
     if opts.kd_weight == 0 and opts.ce_weight == 0:
         add("--kd-weight and --ce-weight are both 0: nothing to train; set at least one > 0")
@@ -316,8 +341,9 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
         cache_manifest, p = _cache_manifest(opts.teacher_cache)
         if p:
             add(p)
-        if opts.teacher is not None:
-            add("--teacher and --teacher-cache: the cache replaces the teacher; pass one of them")
+        if opts.teacher is not None and not on_policy:
+            add("--teacher and --teacher-cache: the cache replaces the teacher; pass one of them (both only with "
+                "--lmbda > 0: the teacher grades the on-policy batches)")
         if opts.data is not None:
             add("--data with --teacher-cache: the cache holds its examples; leave --data out (or build a cache of "
                 "this data with `xtok-kd cache-teacher`)")

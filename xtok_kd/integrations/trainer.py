@@ -12,10 +12,13 @@ precision, checkpoints and resume, logging integrations) is left to it. This sub
 * the loss: ``ce_weight * CE(student) + kd_weight * KD``, both normalised over the whole accumulated batch (label
   tokens for CE, aligned chunks for KD, summed across processes when ``average_tokens_across_devices``), so gradient
   accumulation and data parallelism give the gradient of the big batch;
+* on-policy distillation (GKD's ``lmbda``; :mod:`xtok_kd.integrations.on_policy`): a share of the micro-batches
+  is replaced by text the student writes itself, graded by the live teacher;
 * metrics: ``ce``, ``kd``, ``aligned_share``, ``dropped_chunks``, ``chunks``, ``seam_tokens`` and the mapping's
-  means (``teacher_mass_mapped`` ...): per-batch values averaged over the logging interval; ``skipped_examples``,
-  ``dropped_messages``, ``truncated_examples``: totals over the interval. Both over all processes. Training logs
-  carry them beside ``loss``; ``evaluate()`` returns (and logs) them with its prefix (``eval_ce``, ``eval_kd`` ...).
+  means (``teacher_mass_mapped`` ...), ``on_policy`` (with ``lmbda > 0``): per-batch values averaged over the
+  logging interval; ``skipped_examples``, ``dropped_messages``, ``truncated_examples``, ``generated_tokens``:
+  totals over the interval. Both over all processes. Training logs carry them beside ``loss``; ``evaluate()``
+  returns (and logs) them with its prefix (``eval_ce``, ``eval_kd`` ...).
 
 Checkpoints hold the student only (the teacher is not part of ``self.model``) and the student's tokenizer;
 ``trainer.train(resume_from_checkpoint=True)`` resumes as with any Trainer. ``floating_point_ops`` and
@@ -26,6 +29,7 @@ dispatched from process 0: a batch holds an Alignment), and a process's metrics 
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -37,6 +41,7 @@ from transformers import Trainer
 from ..data import CrossTokenizerCollator
 from ..losses import CrossTokenizerKDLoss, TeacherTopK
 from ..tokenizer import load_tokenizer
+from .on_policy import ROW_KEYS, check_on_policy_options, on_policy_batch
 
 __all__ = ["CrossTokenizerKDTrainer", "DistillationCollator"]
 
@@ -48,14 +53,16 @@ class DistillationCollator:
     Batch keys added to the collator's: ``skipped_examples`` (int), and with cache rows ``teacher_topk_ids``
     ``(B, Lt, k)`` int64 (``-1``: empty slot), ``teacher_topk_logprobs`` ``(B, Lt, k)`` float32 and
     ``teacher_next_token_logprobs`` ``(B, Lt)`` float32 (the teacher's log-probability of its next input token; 0
-    where not read).
+    where not read). With ``keep_rows`` (set by the trainer for on-policy distillation): ``rows``, the collated rows'
+    text keys (``text`` / ``messages`` / ``prompt`` / ``completion``), a list of dicts.
 
     Raises:
         ValueError: every row of a batch is invalid (the message names each row's problem).
     """
 
-    def __init__(self, collator: CrossTokenizerCollator) -> None:
+    def __init__(self, collator: CrossTokenizerCollator, *, keep_rows: bool = False) -> None:
         self.collator = collator
+        self.keep_rows = keep_rows
         self.skipped = 0
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -82,6 +89,8 @@ class DistillationCollator:
             rows = good
             batch = self.collator(rows)
         batch["skipped_examples"] = len(bad)
+        if self.keep_rows:
+            batch["rows"] = [{key: row[key] for key in ROW_KEYS if key in row} for row in rows]
         if "teacher_topk_ids" in rows[0]:
             from ..teacher_cache import collate_teacher_topk
 
@@ -94,9 +103,10 @@ class DistillationCollator:
 
 
 #: Metrics that count events (summed over the logging interval); every other metric is a per-batch mean (averaged).
-_TOTALS = ("skipped_examples", "dropped_messages", "truncated_examples")
-#: Collator keys reported as metrics.
-_BATCH_METRICS = ("skipped_examples", "dropped_messages", "truncated_examples", "seam_tokens")
+_TOTALS = ("skipped_examples", "dropped_messages", "truncated_examples", "generated_tokens")
+#: Batch keys reported as metrics.
+_BATCH_METRICS = ("skipped_examples", "dropped_messages", "truncated_examples", "seam_tokens", "on_policy",
+                  "generated_tokens")
 
 
 def _loss_chunks(alignment: Any) -> int:
@@ -128,15 +138,32 @@ class CrossTokenizerKDTrainer(Trainer):
         max_length / loss_on: the collator's options (see :class:`~xtok_kd.CrossTokenizerCollator`); a teacher cache
             fixes them (its values are the defaults, and other values are refused).
         data_collator: default :class:`DistillationCollator` of the two tokenizers.
-        train_dataset / eval_dataset: rows ``{"text": str}`` or ``{"messages": [...]}`` (a list, a ``datasets``
-            Dataset, or a :class:`~xtok_kd.teacher_cache.TeacherCache`; without ``teacher_model`` and with
-            ``kd_weight > 0`` both must be caches).
+        train_dataset / eval_dataset: rows ``{"text": str}``, ``{"messages": [...]}`` or ``{"prompt": str,
+            "completion": str}`` (a list, a ``datasets`` Dataset, or a :class:`~xtok_kd.teacher_cache.TeacherCache`;
+            without ``teacher_model`` and with ``kd_weight > 0`` both must be caches).
+        lmbda: on-policy distillation (GKD): the probability that a training micro-batch is replaced by an
+            on-policy one, drawn per micro-batch from ``args.seed``, the step and the micro-batch's index (so a run,
+            and a resumed run, is reproducible). The student continues each row's prompt by sampling, the new
+            ``{"prompt", "completion"}`` rows are collated again for both tokenizers, and the live teacher grades
+            the completion: KD on the completion only, no cross-entropy on the student's own samples. Needs
+            ``teacher_model`` (a teacher cache as ``train_dataset`` may stay: off-policy batches read it, on-policy
+            ones run the live teacher, top-k'd with ``teacher_top_k`` when set), ``kd_weight > 0`` and text or
+            prompt/completion rows. Costs one ``generate`` per on-policy micro-batch. 0: off (the default).
+        max_new_tokens: tokens the student writes per row (default: as many as the row's own completion had; at
+            most up to the student's ``max_length``).
+        on_policy_temperature: the student's sampling temperature (> 0; no top-k/top-p filtering).
+        prompt_share: share of a ``{"text"}`` row's student tokens kept as the prompt, in (0, 1) (a prompt/completion
+            row's prompt is its ``prompt``).
         **kwargs: the rest of ``Trainer``'s arguments (callbacks, optimizers, ...).
 
     Raises:
         ValueError: a weight that is not a finite number ``>= 0`` (or both 0), a bad ``teacher_top_k``; ``kd_weight >
             0`` with neither a teacher nor a cache for a dataset; ``max_length`` / ``loss_on`` other than a cache's;
-            a mapping that needs full logits (``hybrid``) or a temperature other than 1 with a top-k teacher (cache or ``teacher_top_k``).
+            a mapping that needs full logits (``hybrid``) or a temperature other than 1 with a top-k teacher (cache or ``teacher_top_k``);
+            ``lmbda`` outside [0, 1], ``on_policy_temperature <= 0``, ``prompt_share`` outside (0, 1), a bad
+            ``max_new_tokens``; ``lmbda > 0`` without ``teacher_model``, with ``kd_weight == 0``, or with chat
+            rows.
+        TypeError: ``lmbda > 0`` with another data collator than :class:`DistillationCollator`.
     """
 
     def __init__(
@@ -158,11 +185,23 @@ class CrossTokenizerKDTrainer(Trainer):
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
+        lmbda: float = 0.0,
+        max_new_tokens: int | None = None,
+        on_policy_temperature: float = 1.0,
+        prompt_share: float = 0.5,
         **kwargs: Any,
     ) -> None:
         from transformers import TrainingArguments
 
         self.kd_weight, self.ce_weight = _weight("kd_weight", kd_weight), _weight("ce_weight", ce_weight)
+        self.lmbda, self.max_new_tokens, self.on_policy_temperature, self.prompt_share = check_on_policy_options(
+            lmbda=lmbda, max_new_tokens=max_new_tokens, on_policy_temperature=on_policy_temperature,
+            prompt_share=prompt_share)
+        if self.lmbda > 0 and (teacher_model is None or self.kd_weight == 0):
+            raise ValueError(f"lmbda={lmbda!r} (on-policy batches) needs a live teacher to grade the student's own "
+                             "text, and a KD term: pass teacher_model= (a teacher cache as train_dataset may stay) "
+                             "with kd_weight > 0, or set lmbda=0" + (f"; got kd_weight={kd_weight!r}"
+                                                                     if self.kd_weight == 0 else ""))
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to train; set at least one > 0")
         if teacher_top_k is not None and (isinstance(teacher_top_k, bool) or not isinstance(teacher_top_k, int)
@@ -206,6 +245,9 @@ class CrossTokenizerKDTrainer(Trainer):
         if data_collator is None:
             data_collator = DistillationCollator(CrossTokenizerCollator(
                 self.teacher_view, self.student_view, max_length=max_length, loss_on=loss_on or "all"))
+        if self.lmbda > 0:
+            _check_on_policy_data(data_collator, train_dataset)
+            data_collator.keep_rows = True
         if kd_loss is None and self.kd_weight == 0:
             if loss_options:
                 raise ValueError("loss_options= with kd_weight=0: there is no KD term to configure; set kd_weight > 0 "
@@ -262,6 +304,32 @@ class CrossTokenizerKDTrainer(Trainer):
             counts = self.accelerator.gather(counts).reshape(-1, 2).sum(0)
         return counts
 
+    # ------------------------------------------------------------------ on-policy batches (lmbda)
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The Trainer's, with GKD's mix: each micro-batch is replaced by an on-policy one with probability ``lmbda``
+        before the counts are taken, so ``num_items_in_batch`` counts the batches actually trained on."""
+        if self.lmbda == 0:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batch_samples = []
+        for index in range(num_batches):
+            try:
+                batch = next(epoch_iterator)
+            except StopIteration:
+                break
+            batch_samples.append(self._mix_on_policy(batch, index))
+        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+
+    def _mix_on_policy(self, batch: dict[str, Any], index: int) -> dict[str, Any]:
+        """``batch``, or with probability ``lmbda`` the on-policy batch of its rows. The draw depends on
+        ``args.seed``, the global step and ``index`` only (the same in every process, and after a resume)."""
+        rng = random.Random(f"xtok_kd.on_policy:{self.args.seed}:{self.state.global_step}:{index}")
+        if rng.random() >= self.lmbda:
+            return {**batch, "on_policy": 0, "generated_tokens": 0}
+        return on_policy_batch(self.data_collator, batch["rows"], self.accelerator.unwrap_model(self.model),
+                               prompt_share=self.prompt_share, max_new_tokens=self.max_new_tokens,
+                               temperature=self.on_policy_temperature,
+                               seed=rng.getrandbits(48) + self.args.process_index)
+
     # ------------------------------------------------------------------ the loss
     def _teacher_input(self, inputs: Mapping[str, Any]) -> torch.Tensor | TeacherTopK:
         if "teacher_topk_ids" in inputs:
@@ -308,7 +376,8 @@ class CrossTokenizerKDTrainer(Trainer):
         loss = self.ce_weight * ce if self.ce_weight > 0 else None
         mode = "train" if model.training else "eval"
         record = self._kd_metrics[mode]
-        record["ce"].append(float(ce.detach()) * tokens / local_tokens)  # metrics: this batch's means
+        if not inputs.get("on_policy"):  # an on-policy batch has no labels: no CE to report
+            record["ce"].append(float(ce.detach()) * tokens / local_tokens)  # metrics: this batch's means
         if self.kd_weight > 0:
             kd = self.kd_loss(logits, self._teacher_input(inputs), inputs, num_items_in_batch=chunks)
             loss = self.kd_weight * kd.loss if loss is None else loss + self.kd_weight * kd.loss
@@ -385,3 +454,19 @@ class CrossTokenizerKDTrainer(Trainer):
 
 def _is_cache(dataset: Any) -> bool:
     return dataset is not None and hasattr(dataset, "check_pair") and hasattr(dataset, "top_k")
+
+
+def _check_on_policy_data(data_collator: Any, train_dataset: Any) -> None:
+    """Refuse what on-policy batches cannot be made from: another collator, chat rows (seen in the first row)."""
+    if not isinstance(data_collator, DistillationCollator):
+        raise TypeError(f"lmbda > 0 needs the DistillationCollator (it keeps each batch's rows to prompt the "
+                         f"student with), got data_collator={type(data_collator).__name__}; leave data_collator out "
+                         "or pass a DistillationCollator")
+    try:
+        first = train_dataset[0] if train_dataset is not None and len(train_dataset) else None
+    except (TypeError, KeyError, IndexError, NotImplementedError):  # an iterable dataset: seen at its first batch
+        first = None
+    if isinstance(first, Mapping) and "messages" in first:
+        raise ValueError("lmbda > 0 needs {'text': str} or {'prompt': str, 'completion': str} rows (the prompt the "
+                         "student continues), but train_dataset[0] is a {'messages': [...]} row; render the chats "
+                         "to text or split them into prompt/completion rows, or set lmbda=0")

@@ -54,12 +54,14 @@ class LossOptions:
     dkl_weights: Any = (0.0, 1.0)
     sequence_weight: float = 0.0
     sinkhorn_support: str = "top_k"
+    teacher_tail: bool = False
 
 
 #: Knobs that only some mappings read: setting one away from its default for another mapping is an error.
 OPTION_USERS: dict[str, tuple[str, ...]] = {
     "top_k": ("uld", "sinkhorn", "cdm"),
     "direction": ("projection",),
+    "teacher_tail": ("projection",),
     "matched_pairs": ("hybrid",),
     "hybrid_weights": ("hybrid",),
     "hybrid_prob_floor": ("hybrid",),
@@ -156,6 +158,7 @@ def _checks(o: LossOptions) -> list[str | None]:
         need(_in(0.0, math.inf, o.sequence_weight, hi_open=True),
              f"sequence_weight must be a finite number >= 0, got {o.sequence_weight!r}"),
         need(isinstance(o.unbiased, bool), f"unbiased must be True or False, got {o.unbiased!r}"),
+        need(isinstance(o.teacher_tail, bool), f"teacher_tail must be True or False, got {o.teacher_tail!r}"),
         need(_in(0.0, 1.0, o.cdm_max_distance, hi_open=True),
              f"cdm_max_distance must lie in [0, 1) (a normalised edit distance; 0 keeps exact pairs only), got "
              f"{o.cdm_max_distance!r}"),

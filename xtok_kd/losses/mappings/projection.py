@@ -10,7 +10,14 @@ import torch
 from ..block import Block
 from ..divergences import LOG_FLOOR, divergence
 from ..types import Direction
-from .base import MappingMethod, divergence_knobs, log_normalised, scaled, teacher_logp
+from .base import (
+    MappingMethod,
+    divergence_knobs,
+    log_normalised,
+    safe_log,
+    scaled,
+    teacher_logp,
+)
 
 __all__ = ["ProjectionMapping", "projection_rows"]
 
@@ -72,6 +79,7 @@ class ProjectionMapping(MappingMethod):
             block, src=buffers["projection_src"], dst=buffers["projection_dst"],
             weight=buffers["projection_weight"], support=buffers["projection_support"],
             compact_of=buffers["projection_compact_of"], direction=o.direction, knobs=divergence_knobs(o),
+            tail=o.teacher_tail,
         )
 
 
@@ -100,6 +108,7 @@ def projection_rows(
     compact_of: torch.Tensor | None,
     direction: Direction,
     knobs: dict[str, Any],
+    tail: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Projection mapping: divergence between the native and the projected distribution in one vocabulary.
 
@@ -117,6 +126,11 @@ def projection_rows(
     A top-k teacher's empty slots (negative ids) and ids outside ``S`` are left out of the comparison. A chunk where
     no teacher mass reaches the comparison (every column there ruled out with ``-inf``, or no known top-k id in it)
     has nothing to compare: its loss is 0, with no gradient.
+
+    ``tail`` (top-k teacher, ``student_to_teacher``): the ``k`` known columns keep their absolute probabilities and one
+    tail atom is added on each side, ``1 - sum`` of the known ones (teacher: its mass off its top-k or outside
+    ``S``; student: its projected mass off those columns, including tokens the table does not project), so the
+    divergence runs over ``k + 1`` atoms of two distributions that each sum to 1.
 
     Metrics: ``teacher_mass_mapped`` (teacher mass that reaches the comparison, before renormalisation).
     """
@@ -155,9 +169,12 @@ def projection_rows(
             lse = torch.logsumexp(logp.masked_fill(~valid, float("-inf")), -1, keepdim=True)
             nothing = lse.squeeze(-1) == float("-inf")  # no known id in S (or all of them ruled out)
             lse_known = lse.masked_fill(nothing[:, None], 0.0)  # keep -inf - (-inf) out
-            t_tilde = torch.where(valid, logp - lse_known, logp.new_tensor(LOG_FLOOR))
             t_mass = lse.squeeze(-1).exp()
-            s_tilde = log_normalised(q_proj.gather(1, pos), valid)
+            if tail:
+                t_tilde, s_tilde = _with_tail(logp, q_proj.gather(1, pos), valid)
+            else:
+                t_tilde = torch.where(valid, logp - lse_known, logp.new_tensor(LOG_FLOOR))
+                s_tilde = log_normalised(q_proj.gather(1, pos), valid)
     else:
         width = width or block.student_logits.shape[-1]
         t_logp, known = teacher_logp(block)
@@ -176,6 +193,25 @@ def projection_rows(
     if nothing is not None and bool(nothing.any()):  # no teacher mass reaches the comparison: the chunk gives 0
         loss = loss.masked_fill(nothing, 0.0)
     return loss, {"teacher_mass_mapped": t_mass.detach()}
+
+
+def _with_tail(t_logp: torch.Tensor, q: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c, k + 1)`` log-probabilities of both sides: the ``valid`` known columns as they are, then the tail atom.
+
+    ``t_logp`` ``(c, k)``: the teacher's top-k log-probabilities; ``q`` ``(c, k)``: the student's projected
+    probabilities at those columns. Invalid columns get ``LOG_FLOOR`` on both sides (their mass is in the tails).
+    The tails are ``1 - sum`` of the valid columns, floored at the smallest normal float so the log stays finite.
+    """
+    floor = LOG_FLOOR
+    tiny = torch.finfo(q.dtype).tiny
+    with torch.no_grad():
+        t_sum = torch.logsumexp(t_logp.masked_fill(~valid, float("-inf")), -1).exp()
+        t_tail = torch.log((1.0 - t_sum).clamp_min(tiny))
+    q_known = q * valid
+    q_tail = torch.log((1.0 - q_known.sum(-1)).clamp_min(tiny))
+    t_cols = t_logp.masked_fill(~valid, floor)
+    s_cols = safe_log(q_known).masked_fill(~valid, floor)
+    return torch.cat([t_cols, t_tail[:, None]], -1), torch.cat([s_cols, q_tail[:, None]], -1)
 
 
 def _lse_shifted(u: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
