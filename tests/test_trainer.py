@@ -317,3 +317,34 @@ def test_teacher_cache_gives_the_live_top_k_loss(tmp_path, qwen, mistral, teache
         warnings.simplefilter("error", UserWarning)  # nothing skipped, nothing truncated to nothing
         trainer.train()
     assert all(math.isfinite(e["kd"]) and e["kd"] > 0 for e in train_logs(trainer))
+
+
+# ---------------------------------------------------------------------- kd_balance
+def test_dynamic_balance_sizes_the_kd_term_like_ce_without_a_gradient_through_the_ratio(tmp_path, qwen, mistral,
+                                                                                        teacher):
+    trainer = make_trainer(tmp_path, qwen, mistral, student(mistral), teacher, kd_weight=2.0, kd_balance="dynamic")
+    trainer.train()
+    for log in train_logs(trainer):  # KD scaled to CE's size: loss = CE + 2 * CE, whatever KD's own value
+        assert log["loss"] == pytest.approx(3.0 * log["ce"], rel=1e-5)
+        assert log["kd"] > 0 and abs(log["kd"] - log["ce"]) > 1e-3
+    fixed = make_trainer(tmp_path, qwen, mistral, student(mistral), teacher, kd_weight=2.0)
+    batch = fixed.data_collator(ROWS[:4])
+    model = student(mistral)
+    dynamic = make_trainer(tmp_path, qwen, mistral, model, teacher, kd_weight=2.0, kd_balance="dynamic")
+    grads = []
+    for t in (fixed, dynamic):
+        model.zero_grad()
+        out = t.compute_loss(model, batch)
+        out.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        t._kd_metrics["train"].clear()
+    assert not torch.allclose(grads[0], grads[1])  # a different weight on KD's gradient, the same direction parts
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"kd_balance": "auto"}, "kd_balance='auto' is not one of 'fixed', 'dynamic'"),
+    ({"kd_balance": "dynamic", "ce_weight": 0.0}, "kd_balance='dynamic' scales the KD term .* ce_weight=0"),
+])
+def test_bad_kd_balance_is_refused(tmp_path, qwen, mistral, teacher, options, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, qwen, mistral, student(mistral), teacher, **options)

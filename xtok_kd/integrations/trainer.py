@@ -102,6 +102,8 @@ class DistillationCollator:
         return batch
 
 
+#: ``kd_balance`` values: a fixed ``kd_weight``, or ``kd_weight * sg(CE / KD)`` per batch.
+_BALANCES = ("fixed", "dynamic")
 #: Metrics that count events (summed over the logging interval); every other metric is a per-batch mean (averaged).
 _TOTALS = ("skipped_examples", "dropped_messages", "truncated_examples", "generated_tokens")
 #: Batch keys reported as metrics.
@@ -133,6 +135,9 @@ class CrossTokenizerKDTrainer(Trainer):
             arguments, e.g. ``{"mapping": "uld"}``) with the table built once and cached on disk.
         kd_weight / ce_weight: weights of the KD term and of the student's own cross-entropy (``kd_weight=0``: plain
             fine-tuning through the same pipeline, no teacher needed).
+        kd_balance: ``"fixed"`` (default): ``kd_weight`` as given; ``"dynamic"``: each batch's KD term is rescaled
+            to the size of its CE term, ``kd_weight * sg(CE / KD) * KD`` (stop-gradient on the ratio, as X-Token's
+            dynamic weighting), so the balance follows the two losses as they fall. Needs ``ce_weight > 0``.
         teacher_top_k: feed the loss the live teacher's top-k log-probabilities (the same values a teacher cache of
             this ``k`` holds) instead of its full logits. None: full logits.
         max_length / loss_on: the collator's options (see :class:`~xtok_kd.CrossTokenizerCollator`); a teacher cache
@@ -189,11 +194,18 @@ class CrossTokenizerKDTrainer(Trainer):
         max_new_tokens: int | None = None,
         on_policy_temperature: float = 1.0,
         prompt_share: float = 0.5,
+        kd_balance: str = "fixed",
         **kwargs: Any,
     ) -> None:
         from transformers import TrainingArguments
 
         self.kd_weight, self.ce_weight = _weight("kd_weight", kd_weight), _weight("ce_weight", ce_weight)
+        if kd_balance not in _BALANCES:
+            raise ValueError(f"kd_balance={kd_balance!r} is not one of {', '.join(map(repr, _BALANCES))}")
+        if kd_balance == "dynamic" and self.ce_weight == 0:
+            raise ValueError("kd_balance='dynamic' scales the KD term to the CE term's size, but ce_weight=0; use "
+                             "kd_balance='fixed' or set ce_weight > 0")
+        self.kd_balance = kd_balance
         self.lmbda, self.max_new_tokens, self.on_policy_temperature, self.prompt_share = check_on_policy_options(
             lmbda=lmbda, max_new_tokens=max_new_tokens, on_policy_temperature=on_policy_temperature,
             prompt_share=prompt_share)
@@ -380,7 +392,10 @@ class CrossTokenizerKDTrainer(Trainer):
             record["ce"].append(float(ce.detach()) * tokens / local_tokens)  # metrics: this batch's means
         if self.kd_weight > 0:
             kd = self.kd_loss(logits, self._teacher_input(inputs), inputs, num_items_in_batch=chunks)
-            loss = self.kd_weight * kd.loss if loss is None else loss + self.kd_weight * kd.loss
+            weight = self.kd_weight
+            if self.kd_balance == "dynamic" and not inputs.get("on_policy"):  # KD sized like CE (no gradient through)
+                weight = weight * float(ce.detach()) / max(float(kd.loss.detach()), 1e-8)
+            loss = weight * kd.loss if loss is None else loss + weight * kd.loss
             record["kd"].append(float(kd.loss.detach()) * chunks / local_chunks)
             for name, value in kd.metrics.items():
                 record[name].append(value)
