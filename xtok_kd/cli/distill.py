@@ -244,7 +244,32 @@ def _load_tokenizers(opts: DistillArguments, cache: Any) -> tuple[Any, Any]:
         return open_tokenizer(opts.teacher_tokenizer, role="teacher"), student_view
     if opts.teacher is not None and opts.kd_weight > 0:
         return _model_tokenizer(opts.teacher, role="teacher"), student_view
-    return student_view, student_view  # --kd-weight 0 and no teacher: the KD term is off
+    return student_view, student_view  # --kd-weight 0: the KD term is off (no teacher side to collate)
+
+
+def _add_teacher_text(opts: DistillArguments, data: _Data, teacher: Any, teacher_view: Any, *, batch_size: int,
+                      device: Any, progress: bool, say: Any) -> dict[str, Any]:
+    """``--add-teacher-text``: append one teacher-written row per training example to ``data.train`` (held-out rows
+    get none); returns what the run's record keeps of it."""
+    from ..integrations.teacher_text import generate_teacher_texts
+    from .cache_teacher import teacher_text_settings
+
+    settings = teacher_text_settings(opts)
+    if getattr(teacher, "hf_device_map", None) is None:  # where the trainer puts it too
+        teacher = teacher.to(device)
+    started = time.perf_counter()
+    try:
+        with _memory_guard("the teacher was writing its text (--add-teacher-text)"):
+            texts = generate_teacher_texts(teacher, teacher_view, data.train, max_length=data.max_length,
+                                           batch_size=batch_size, progress=progress, **settings)
+    except ValueError as err:  # chat rows: the message names the row and the fix
+        raise CliError(f"--add-teacher-text: {err}") from None
+    seconds = time.perf_counter() - started
+    data.train = [*data.train, *texts]
+    say(f"teacher text: added {len(texts)} rows written by the teacher in {seconds:.1f} s (prompt share "
+        f"{settings['prompt_share']:g}, temperature {settings['temperature']:g}, seed {settings['seed']}, "
+        f"max_length {data.max_length}); training on {len(data.train)} rows")
+    return {"teacher_text_rows": len(texts), "teacher_text_time_s": round(seconds, 1)}
 
 
 def _distill(opts: DistillArguments, training_args: Any, *, command: str, started: float) -> int:
@@ -267,12 +292,26 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
     kd = opts.kd_weight > 0
 
     # models ---------------------------------------------------------------------------------------
-    teacher = None
-    if kd and (cache is None or (opts.lmbda > 0 and opts.teacher is not None)):  # a cache + on-policy batches
+    teacher, text_summary = None, {}
+    if (kd and (cache is None or (opts.lmbda > 0 and opts.teacher is not None))  # a cache + on-policy batches
+            or opts.add_teacher_text):
+        # --kd-weight 0 leaves teacher_view the student's (no KD): the teacher writes with its own tokenizer
+        writer_view = teacher_view if kd else (open_tokenizer(opts.teacher_tokenizer, role="teacher")
+                                               if opts.teacher_tokenizer is not None
+                                               else _model_tokenizer(opts.teacher, role="teacher"))
         teacher = _load_model(opts.teacher, role="teacher", dtype=opts.teacher_dtype)
-        p = _width_problem(teacher, teacher_view, role="teacher")
+        p = _width_problem(teacher, writer_view, role="teacher")
         if p:
             raise CliError(p)
+        if opts.add_teacher_text:
+            text_summary = _add_teacher_text(opts, data, teacher, writer_view, device=training_args.device,
+                                             batch_size=training_args.per_device_train_batch_size,
+                                             progress=main_process and not training_args.disable_tqdm, say=say)
+        if not kd:
+            say("--kd-weight 0: the teacher wrote text only (no KD term); it is not kept for training")
+            teacher = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     elif opts.teacher is not None and not kd:
         say("--kd-weight 0: plain fine-tuning; the teacher is not loaded")
     if opts.student is not None:
@@ -349,7 +388,7 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
             "train_time_s": round(train_time, 1), "train_loss": result.metrics.get("train_loss"),
             **{f"final_{k}": v[0] for k, v in final.items() if v is not None},
             "skipped_rows": skipped, "eval_skipped_rows": eval_skipped,
-            "skipped_by_collator": int(getattr(collator, "skipped", 0)),
+            "skipped_by_collator": int(getattr(collator, "skipped", 0)), **text_summary,
             **{k: v for k, v in eval_metrics.items() if k in ("eval_loss", "eval_ce", "eval_kd")},
         }
         _write_marker(output_dir, {**record, "status": "complete", "summary": summary})

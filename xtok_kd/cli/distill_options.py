@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from . import CliError, check_int, tokenizer_problem
+from .cache_teacher import teacher_text_problems
 
 MARKER = "xtok_kd_distill.json"
 MARKER_FORMAT = "xtok_kd.distill"
@@ -114,6 +115,17 @@ class DistillArguments:
         "--lmbda > 0: the student's sampling temperature, > 0 (no top-k/top-p filtering)")})
     prompt_share: float = field(default=0.5, metadata={"help": (
         "--lmbda > 0: share of a text row's student tokens kept as the prompt, in (0, 1)")})
+    add_teacher_text: bool = field(default=False, metadata={"help": (
+        "sequence-level KD: before training, the live --teacher continues the opening of every training example "
+        "(sampled, as long as the example, within --max-length; batches of --per-device-train-batch-size) and its "
+        "texts are added to the training rows. With --kd-weight 0: CE on the corpus and the teacher's text (SeqKD). "
+        "Needs --teacher and --data (for a cache: `xtok-kd cache-teacher --add-teacher-text`)")})
+    teacher_text_prompt_share: float | None = field(default=None, metadata={"help": (
+        "--add-teacher-text: share of each example's teacher tokens kept as the prompt, in (0, 1) (0.25)")})
+    teacher_text_temperature: float | None = field(default=None, metadata={"help": (
+        "--add-teacher-text: the teacher's sampling temperature, > 0, no top-k/top-p filtering (1.0)")})
+    teacher_text_seed: int | None = field(default=None, metadata={"help": (
+        "--add-teacher-text: sampling seed, >= 0 (0)")})
     max_length: int | None = field(default=None, metadata={"help": (
         f"tokens per example and side, longer ones are truncated ({DEFAULT_MAX_LENGTH}; with --teacher-cache: the "
         "cache's)")})
@@ -333,6 +345,13 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
         add(f"--lmbda {opts.lmbda:g} with --kd-weight 0: on-policy batches are trained by the KD term only (no "
             "cross-entropy on the student's own samples); set --kd-weight > 0, or --lmbda 0")
     add(check_int("--loss-block-rows", opts.loss_block_rows, low=1, high=1 << 20))
+    problems += teacher_text_problems(opts)
+    if opts.add_teacher_text and opts.teacher_cache is not None:
+        add("--add-teacher-text with --teacher-cache: the cache holds its examples and the teacher's top-k for them "
+            "only; build a cache that holds the teacher's text too with `xtok-kd cache-teacher ... "
+            "--add-teacher-text -o DIR` and distill from it, or pass --teacher and --data instead of --teacher-cache")
+    elif opts.add_teacher_text and opts.teacher is None:
+        add("--add-teacher-text needs --teacher: the model that writes the text (with --kd-weight 0 it only writes)")
     if opts.kd_weight == 0 and opts.ce_weight == 0:
         add("--kd-weight and --ce-weight are both 0: nothing to train; set at least one > 0")
     needs_teacher = not (isinstance(opts.kd_weight, (int, float)) and opts.kd_weight == 0)

@@ -6,7 +6,9 @@ A cache is a folder::
 
     manifest.json              format, version, settings (tokenizer fingerprints, top_k, max_length, loss_on,
                                digests of the examples and of the teacher model), and the finished shards
-                               (file, example range [start, stop), tokens, bytes, sha256)
+                               (file, example range [start, stop), tokens, bytes, sha256); ``teacher_text`` when
+                               `cache-teacher --add-teacher-text` appended teacher-written rows (their count,
+                               the corpus digest and the sampling settings)
     shard-00000.safetensors    E examples holding T teacher tokens in all:
         input_ids (T,) int32          each example's unpadded teacher ids (as the collator makes them), concatenated
         topk_ids (T, k) int32         the teacher's k most likely next tokens at each position

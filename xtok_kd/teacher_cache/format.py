@@ -53,6 +53,14 @@ def _model_digest(model: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def examples_sha256(examples: Sequence[Mapping[str, Any]]) -> str:
+    """The digest of ``examples`` that a cache records and compares (``examples_sha256``), hex."""
+    h = hashlib.sha256()
+    for i, ex in enumerate(examples):
+        h.update(_example_json(ex, i).encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
 def cache_settings(teacher_tokenizer: Any, student_tokenizer: Any, examples: Sequence[Mapping[str, Any]], *,
                    top_k: int, max_length: int | None, loss_on: str, shard_size: int,
                    teacher_model: Any = None) -> dict[str, Any]:
@@ -60,14 +68,11 @@ def cache_settings(teacher_tokenizer: Any, student_tokenizer: Any, examples: Seq
     from ..tokenizer import load_tokenizer
 
     t, s = load_tokenizer(teacher_tokenizer), load_tokenizer(student_tokenizer)
-    h = hashlib.sha256()
-    for i, ex in enumerate(examples):
-        h.update(_example_json(ex, i).encode("utf-8") + b"\n")
     settings = {
         "teacher_tokenizer": {"name": t.name, "fingerprint": t.fingerprint, "vocab_size": t.vocab_size},
         "student_tokenizer": {"name": s.name, "fingerprint": s.fingerprint, "vocab_size": s.vocab_size},
         "top_k": top_k, "k": min(top_k, t.vocab_size), "max_length": max_length, "loss_on": loss_on,
-        "num_examples": len(examples), "examples_sha256": h.hexdigest(), "shard_size": shard_size,
+        "num_examples": len(examples), "examples_sha256": examples_sha256(examples), "shard_size": shard_size,
     }
     if teacher_model is not None:
         settings["teacher_model"] = _model_digest(teacher_model)

@@ -17,6 +17,7 @@ import torch
 
 from ..vocab.files import remove_stale_temps, write_atomically
 from .format import (
+    _COMPARED,
     _OURS,
     FORMAT,
     LOCK,
@@ -157,7 +158,7 @@ def write_teacher_cache(
     teacher_model: Any, teacher_tokenizer: Any, student_tokenizer: Any, examples: Sequence[Mapping[str, Any]],
     output_dir: str | os.PathLike[str], *, top_k: int = 64, max_length: int | None = None, loss_on: str = "all",
     batch_size: int = 8, shard_size: int = 1024, teacher_name: str | None = None, progress: bool = True,
-    resume: bool = True, overwrite: bool = False,
+    resume: bool = True, overwrite: bool = False, notes: Mapping[str, Any] | None = None,
 ) -> Path:
     """Run ``teacher_model`` over ``examples`` once and save its top-k next-token log-probabilities, and the
     log-probability of each actual next token.
@@ -174,6 +175,9 @@ def write_teacher_cache(
         top_k: ``k`` (clamped to the teacher vocabulary); max_length / loss_on: as the collator's.
         batch_size: examples per teacher forward; shard_size: examples per shard file.
         teacher_name: recorded in the manifest. progress: a tqdm bar over examples.
+        notes: more JSON-serialisable entries for the manifest, e.g. how the examples were made (``xtok-kd
+            cache-teacher --add-teacher-text`` records ``{"teacher_text": {...}}``); recorded, not compared (the
+            examples' digest is), and they may not replace an entry the cache writes itself.
         resume: keep the verified shards of an interrupted cache made with the same settings (False: recompute).
         overwrite: replace a cache made with other settings or by another format version (a folder that is not
             a cache is never replaced).
@@ -191,6 +195,15 @@ def write_teacher_cache(
     for name, value in (("top_k", top_k), ("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    notes = dict(notes or {})
+    taken = sorted(set(notes) & {"format", "version", "shards", "tokens", "complete", "teacher_name", "k",
+                                 *_COMPARED})
+    if taken:
+        raise ValueError(f"notes may not replace the manifest's own entries {taken}; give them other names")
+    try:
+        json.dumps(notes)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"notes must be JSON-serialisable ({err}); keep str/number/list/dict values") from None
     examples = list(examples)
     if not examples:
         raise ValueError("no examples to cache: pass at least one {'text': ...} or {'messages': [...]} dict")
@@ -218,6 +231,7 @@ def write_teacher_cache(
         remove_stale_temps(out)
         manifest = _start(out, settings, overwrite=overwrite, resume=resume)
         manifest["teacher_name"] = teacher_name
+        manifest.update(notes)
         _write_json(out / MANIFEST, manifest)
         _save_tokenizer(out, collator.teacher)
         k, ranges = settings["k"], [(a, min(a + shard_size, len(examples))) for a in range(0, len(examples),
