@@ -9,6 +9,7 @@ import torch
 
 from reference import FakeTable, _chunk_rows, dense_projection, ref_divergence
 from xtok_kd.losses import CrossTokenizerKDLoss, TeacherTopK
+from xtok_kd.losses.options import LossOptions
 from xtok_kd.sequence import align_spans
 
 VT, VS, K = 97, 89, 7
@@ -70,8 +71,9 @@ def test_tail_matches_the_float64_reference_values_and_gradients(batch, kind):
 
 
 def test_tail_differs_from_renormalised_top_k_and_is_zero_for_a_student_equal_to_the_teacher(batch):
-    plain = CrossTokenizerKDLoss(table=TABLE)(batch["student"], batch["topk"], batch["alignment"]).loss
-    tail = CrossTokenizerKDLoss(table=TABLE, teacher_tail=True)(batch["student"], batch["topk"], batch["alignment"]).loss
+    args = batch["student"], batch["topk"], batch["alignment"]
+    plain = CrossTokenizerKDLoss(table=TABLE, teacher_tail=False)(*args).loss
+    tail = CrossTokenizerKDLoss(table=TABLE, teacher_tail=True)(*args).loss
     assert float(tail) > float(plain) > 0  # the tail atom adds a non-negative term here (fkl, different masses)
     ident = FakeTable(VT, VT, identity=True)  # a student whose distribution is the teacher's: no loss at all
     rows = batch["teacher"][:1, :3].clone()
@@ -82,14 +84,17 @@ def test_tail_differs_from_renormalised_top_k_and_is_zero_for_a_student_equal_to
 
 
 def test_tail_is_a_no_op_with_full_logits(batch):
-    a = CrossTokenizerKDLoss(table=TABLE)(batch["student"], batch["teacher"], batch["alignment"]).loss
-    b = CrossTokenizerKDLoss(table=TABLE, teacher_tail=True)(batch["student"], batch["teacher"], batch["alignment"]).loss
+    args = batch["student"], batch["teacher"], batch["alignment"]
+    a = CrossTokenizerKDLoss(table=TABLE, teacher_tail=False)(*args).loss
+    b = CrossTokenizerKDLoss(table=TABLE, teacher_tail=True)(*args).loss
     torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize(("options", "match"), [
     ({"teacher_tail": "yes"}, "teacher_tail must be True or False, got 'yes'"),
-    ({"teacher_tail": True, "mapping": "uld"}, "teacher_tail applies to mapping='projection' only"),
+    # the value that is not the default (the default is accepted for every mapping, and ignored by the others)
+    ({"teacher_tail": not LossOptions().teacher_tail, "mapping": "uld"},
+     "teacher_tail applies to mapping='projection' only"),
 ])
 def test_bad_teacher_tail_is_refused_naming_the_value(options, match):
     with pytest.raises(ValueError, match=match):
