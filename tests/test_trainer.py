@@ -348,3 +348,13 @@ def test_dynamic_balance_sizes_the_kd_term_like_ce_without_a_gradient_through_th
 def test_bad_kd_balance_is_refused(tmp_path, qwen, mistral, teacher, options, match):
     with pytest.raises(ValueError, match=match):
         make_trainer(tmp_path, qwen, mistral, student(mistral), teacher, **options)
+
+
+def test_cli_checks_kd_balance_before_anything_loads():
+    from xtok_kd.cli.distill_options import DistillArguments, check
+
+    base = {"teacher": "smollm2", "student_config": "tiny", "student_tokenizer": "mistral", "data": "x.txt"}
+    assert any("--kd-balance 'auto' is not one of fixed, dynamic" in p
+               for p in check(DistillArguments(**base, kd_balance="auto"), output_dir="out"))
+    assert any("--kd-balance dynamic" in p and "--ce-weight is 0" in p
+               for p in check(DistillArguments(**base, kd_balance="dynamic", ce_weight=0.0), output_dir="out"))

@@ -356,7 +356,7 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
             max_length=None if cache is not None else max_length, loss_on=None if cache is not None else loss_on,
             train_dataset=data.train, eval_dataset=data.eval, callbacks=[_LogLastStep()], lmbda=opts.lmbda,
             max_new_tokens=opts.max_new_tokens, on_policy_temperature=opts.on_policy_temperature,
-            prompt_share=opts.prompt_share)
+            prompt_share=opts.prompt_share, kd_balance=opts.kd_balance)
     record: dict[str, Any] = {"format": MARKER_FORMAT, "version": 1, "command": command, "status": "running",
                               "options": asdict(opts), "output_dir": str(output_dir)}
     if trainer.is_world_process_zero():

@@ -19,6 +19,7 @@ MARKER_FORMAT = "xtok_kd.distill"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 STUDENT_CONFIGS = ("tiny",)
 LOSS_ON = ("all", "assistant")
+BALANCES = ("fixed", "dynamic")
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_HIDDEN_SIZE, DEFAULT_LAYERS = 64, 2
 _RESUME_LAST = ("true", "last", "latest")
@@ -103,6 +104,9 @@ class DistillArguments:
         "it (256-1024) on a GPU for speed")})
     kd_weight: float = field(default=1.0, metadata={"help": "weight of the distillation loss (0: plain fine-tuning)"})
     ce_weight: float = field(default=1.0, metadata={"help": "weight of the student's own next-token cross-entropy"})
+    kd_balance: str = field(default="fixed", metadata={"help": (
+        "fixed: --kd-weight as given; dynamic: each batch's KD term rescaled to its CE term's size (kd_weight * "
+        "sg(CE / KD) * KD); needs --ce-weight > 0")})
     lmbda: float = field(default=0.0, metadata={"help": (
         "on-policy distillation (GKD): the probability, in [0, 1], that a training micro-batch is replaced by text "
         "the student writes itself (it continues each row's prompt by sampling), graded by the live teacher: KD on "
@@ -352,6 +356,11 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
             "--add-teacher-text -o DIR` and distill from it, or pass --teacher and --data instead of --teacher-cache")
     elif opts.add_teacher_text and opts.teacher is None:
         add("--add-teacher-text needs --teacher: the model that writes the text (with --kd-weight 0 it only writes)")
+    if opts.kd_balance not in BALANCES:
+        add(f"--kd-balance {opts.kd_balance!r} is not one of {', '.join(BALANCES)}")
+    elif opts.kd_balance == "dynamic" and opts.ce_weight == 0:
+        add("--kd-balance dynamic sizes the KD term like the CE term, but --ce-weight is 0; use --kd-balance "
+                        "fixed or set --ce-weight > 0")
     if opts.kd_weight == 0 and opts.ce_weight == 0:
         add("--kd-weight and --ce-weight are both 0: nothing to train; set at least one > 0")
     needs_teacher = not (isinstance(opts.kd_weight, (int, float)) and opts.kd_weight == 0)
