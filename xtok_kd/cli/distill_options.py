@@ -360,7 +360,7 @@ def check(opts: DistillArguments, *, output_dir: str | None, resume_from_checkpo
         add(f"--kd-balance {opts.kd_balance!r} is not one of {', '.join(BALANCES)}")
     elif opts.kd_balance == "dynamic" and opts.ce_weight == 0:
         add("--kd-balance dynamic sizes the KD term like the CE term, but --ce-weight is 0; use --kd-balance "
-                        "fixed or set --ce-weight > 0")
+            "fixed or set --ce-weight > 0")
     if opts.kd_weight == 0 and opts.ce_weight == 0:
         add("--kd-weight and --ce-weight are both 0: nothing to train; set at least one > 0")
     needs_teacher = not (isinstance(opts.kd_weight, (int, float)) and opts.kd_weight == 0)

@@ -164,10 +164,11 @@ class CrossTokenizerKDTrainer(Trainer):
     Raises:
         ValueError: a weight that is not a finite number ``>= 0`` (or both 0), a bad ``teacher_top_k``; ``kd_weight >
             0`` with neither a teacher nor a cache for a dataset; ``max_length`` / ``loss_on`` other than a cache's;
-            a mapping that needs full logits (``hybrid``) or a temperature other than 1 with a top-k teacher (cache or ``teacher_top_k``);
-            ``lmbda`` outside [0, 1], ``on_policy_temperature <= 0``, ``prompt_share`` outside (0, 1), a bad
-            ``max_new_tokens``; ``lmbda > 0`` without ``teacher_model``, with ``kd_weight == 0``, or with chat
-            rows.
+            a mapping that needs full logits (``hybrid``) or a temperature other than 1 with a top-k teacher (cache
+            or ``teacher_top_k``); ``lmbda`` outside [0, 1], ``on_policy_temperature <= 0``, ``prompt_share`` outside
+            (0, 1), a bad ``max_new_tokens``; ``lmbda > 0`` without ``teacher_model``, with ``kd_weight == 0``, or
+            with chat rows; ``kd_balance`` other than ``"fixed"``/``"dynamic"``, or ``"dynamic"`` with
+            ``ce_weight == 0``.
         TypeError: ``lmbda > 0`` with another data collator than :class:`DistillationCollator`.
     """
 
