@@ -327,20 +327,21 @@ def summarise(runs: dict, teacher_bpb: dict[str, float], students: list[str], me
              f"{','.join(map(str, opts.seeds))}. Text: {source}, {opts.train_chars:,} training characters, "
              f"{opts.heldout_chars:,} held-out characters (never trained on). Gain: CE-only mean - method mean "
              "(positive helps); std units: gain / pooled std over seeds; paired gain: CE-only minus method for each "
-             "seed (same initialisation and data order), its range and its mean in units of its own std over seeds."), "",
+             "seed (same initialisation and data order), its range and its mean in units of its own std over seeds; "
+             "strictest: gain / the largest of CE-only's std, the method's std and the paired gains' std."), "",
              ("| student tokenizer | method | bits/byte (mean) | std | gain vs CE | gain (std units) | paired gain "
-              "per seed (min / max) | paired gain (its std units) | seeds |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+              "per seed (min / max) | paired gain (its std units) | gain (strictest std units) | seeds |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for student in students:
         if student in teacher_bpb:
-            lines.append(f"| {student} | teacher SmolLM2-135M (reference) | {teacher_bpb[student]:.4f} | | | | | | |")
+            lines.append(f"| {student} | teacher SmolLM2-135M (reference) | {teacher_bpb[student]:.4f} | | | | | | | |")
         ce = [runs[(student, "ce", s)]["bpb"] for s in opts.seeds if (student, "ce", s) in runs]
         for method in methods:
             vals = [runs[(student, method, s)]["bpb"] for s in opts.seeds if (student, method, s) in runs]
             if not vals:
                 continue
             mean, std = statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-            gain = units = paired = paired_units = ""
+            gain = units = paired = paired_units = strict = ""
             pairs = [runs[(student, "ce", s)]["bpb"] - runs[(student, method, s)]["bpb"] for s in opts.seeds
                      if (student, "ce", s) in runs and (student, method, s) in runs]
             if method != "ce" and pairs:  # same initialisation and data order per seed: the loss is the only change
@@ -353,8 +354,10 @@ def summarise(runs: dict, teacher_bpb: dict[str, float], students: list[str], me
                 pooled = math.sqrt((ce_std ** 2 + std ** 2) / 2)
                 gain = f"{g:+.4f}"
                 units = f"{g / pooled:+.1f}" if pooled > 0 else "n/a"
+                spread = max([ce_std, std] + ([statistics.stdev(pairs)] if len(pairs) > 1 else []))
+                strict = f"{g / spread:+.1f}" if spread > 0 else "n/a"
             lines.append(f"| {student} | {METHODS[method][0]} | {mean:.4f} | {std:.4f} | {gain} | {units} | {paired} | "
-                         f"{paired_units} | {len(vals)} |")
+                         f"{paired_units} | {strict} | {len(vals)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,9 +18,14 @@ What it does:
    log-probabilities are saved with :func:`xtok_kd.teacher_cache.write_teacher_cache`; training then reads the cache
    (the trainer takes a :class:`~xtok_kd.teacher_cache.TeacherCache` as its dataset), so the 135M-parameter teacher
    never runs inside the training loop.
-5. **Two students, same start, same data order**, each trained by the same ``CrossTokenizerKDTrainer`` users get:
-   CE only (``kd_weight=0``) and CE + KD. Then a table of held-out **bits per UTF-8 byte** (comparable across
-   tokenizers) for the teacher, both students and the gain.
+5. **Teacher text**: the teacher also continues the opening quarter of every training passage
+   (:func:`xtok_kd.integrations.teacher_text.generate_teacher_texts`, seeded), and a second cache holds the training
+   text plus those passages (``xtok-kd cache-teacher --add-teacher-text`` does the same); ``--no-teacher-text``
+   skips it.
+6. **Three students, same start, same data order, same number of steps**, each trained by the same
+   ``CrossTokenizerKDTrainer`` users get: CE only (``kd_weight=0``), CE + KD, and CE + KD on the text plus the
+   teacher's text (the best method of ``benchmarks/quality.py``). Then a table of held-out **bits per UTF-8 byte**
+   (comparable across tokenizers) for the teacher and the students, and the gains.
 
 Settings (defaults) and why. Distillation pays where data is scarce relative to training: about 20,000 characters
 of training text (~6,000 student tokens) seen for 200 steps of 8 x 128 tokens (33 epochs), so the CE-only student

@@ -343,7 +343,7 @@ def _distill(opts: DistillArguments, training_args: Any, *, command: str, starte
             return control
 
     loss_options = ({"mapping": opts.mapping, "divergence": opts.divergence, "temperature": opts.temperature,
-                     "block_rows": opts.loss_block_rows}
+                     "block_rows": opts.loss_block_rows, "teacher_tail": opts.teacher_tail}
                     if kd else None)  # --kd-weight 0: no KD term, no table
     # A live teacher beside a cache (on-policy batches) gives the same top-k as the cache unless told otherwise.
     teacher_top_k = opts.teacher_top_k if cache is None else (

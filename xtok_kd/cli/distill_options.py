@@ -104,6 +104,9 @@ class DistillArguments:
         "it (256-1024) on a GPU for speed")})
     kd_weight: float = field(default=1.0, metadata={"help": "weight of the distillation loss (0: plain fine-tuning)"})
     ce_weight: float = field(default=1.0, metadata={"help": "weight of the student's own next-token cross-entropy"})
+    teacher_tail: bool = field(default=True, metadata={"help": (
+        "projection with a top-k teacher (a cache, --teacher-top-k): compare the top-k as it is plus a tail atom "
+        "(default); --no-teacher-tail renormalises the top-k instead")})
     kd_balance: str = field(default="fixed", metadata={"help": (
         "fixed: --kd-weight as given; dynamic: each batch's KD term rescaled to its CE term's size (kd_weight * "
         "sg(CE / KD) * KD); needs --ce-weight > 0")})

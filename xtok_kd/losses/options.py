@@ -54,7 +54,7 @@ class LossOptions:
     dkl_weights: Any = (0.0, 1.0)
     sequence_weight: float = 0.0
     sinkhorn_support: str = "top_k"
-    teacher_tail: bool = False
+    teacher_tail: bool = True
 
 
 #: Knobs that only some mappings read: setting one away from its default for another mapping is an error.
