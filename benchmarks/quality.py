@@ -389,6 +389,8 @@ def plot(runs: dict, students: list[str], methods: list[str], seeds: list[int], 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, few steps, little text")
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: write the table and plot of the runs already in <work-dir>/runs.jsonl")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--students", default=",".join(STUDENTS))
@@ -457,7 +459,7 @@ def main(argv: list[str] | None = None) -> str:
     teacher_bpb: dict[str, float] = {}
     prepared: dict[str, dict[str, Any]] = {}  # per student: tokenizer, teacher cache, remembering teacher
     seqkd_text = None
-    if any(METHODS[m][1].get("data") in ("teacher_text", "both") for m in opts.methods):
+    if not opts.report and any(METHODS[m][1].get("data") in ("teacher_text", "both") for m in opts.methods):
         t = time.time()
         seqkd_text = teacher_texts(teacher, teacher_tok, examples, opts=opts, work=work)
         print(f"SeqKD: {len(seqkd_text)} teacher-generated passages ({sum(len(r['text']) for r in seqkd_text):,} "
@@ -470,6 +472,10 @@ def main(argv: list[str] | None = None) -> str:
             continue
         student_tok = load_tokenizer(source_tok)
         cache = None
+        if opts.report:
+            teacher_bpb[name] = bits_per_byte(teacher, teacher_tok, heldout, max_length=4 * opts.max_length)
+            prepared[name] = {}
+            continue
         if not all(reads_full_logits(METHODS[m][1]) for m in opts.methods):
             cache_dir = work / f"teacher-{name}-k{opts.top_k}-L{opts.max_length}-n{opts.train_chars}"
             t = time.time()
@@ -493,7 +499,7 @@ def main(argv: list[str] | None = None) -> str:
     for seed in opts.seeds:
         for name in students:
             for method in opts.methods:
-                if (name, method, seed) in runs:
+                if (name, method, seed) in runs or opts.report:
                     continue
                 result = train_and_score(method, seed=seed, teacher_tok=teacher_tok, examples=examples,
                                          teacher_text=seqkd_text, heldout=heldout, opts=opts, work=work,
