@@ -48,8 +48,8 @@ teacher cache, with ``kd_weight=3`` (a stronger KD signal than the default 1). M
 Time on the reference machine (2 CPU cores): with both cores idle, CE-only training takes 49 s (4 steps/s) and each
 KD student ~95 s (2.1 steps/s); the teacher writes its 43 passages in about a minute; with the teacher's loading
 (~30 s: the GGUF file is read for the model and again for the tokenizer), the vocabulary table built from scratch
-(~10 s, then cached), the two teacher caches and scoring, about 6 minutes in all (estimated from the parts). On cores busy with other jobs it
-takes several times longer; ``XTOK_KD_THREADS=1`` sets torch's threads for such a machine.
+(~10 s, then cached), the two teacher caches and scoring, about 6 minutes in all (estimated from the parts). On
+cores busy with other jobs it takes several times longer; ``XTOK_KD_THREADS=1`` sets torch's threads there.
 """
 
 from __future__ import annotations
