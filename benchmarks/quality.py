@@ -64,6 +64,7 @@ import os
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -361,7 +362,7 @@ def plot(runs: dict, students: list[str], methods: list[str], seeds: list[int], 
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return False
-    fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2, 4.2))
+    fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2, 5.2))
     width = 0.8 / max(1, len(students))
     for j, student in enumerate(students):
         xs, means, stds = [], [], []
@@ -373,7 +374,7 @@ def plot(runs: dict, students: list[str], methods: list[str], seeds: list[int], 
                 stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
         ax.errorbar(xs, means, yerr=stds, fmt="o", capsize=4, label=f"student tokenizer: {student}")
     ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels([METHODS[m][0].replace(" (", "\n(") for m in methods], fontsize=8)
+    ax.set_xticklabels([textwrap.fill(METHODS[m][0], 18) for m in methods], fontsize=7)
     ax.set_ylabel("held-out bits per byte (lower is better)")
     ax.set_title("SmolLM2-135M -> tiny students: mean +- std over seeds")
     ax.grid(axis="y", alpha=0.3)
