@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import TrainerCallback, TrainingArguments
+from test_trainer import GradCapture  # the student's gradient before each optimizer step
+from transformers import TrainingArguments
 
 from xtok_kd import CrossTokenizerCollator
 from xtok_kd.assets import SAMPLE_TEXT
@@ -148,15 +149,6 @@ def test_same_seed_same_run_and_a_mixed_share(tmp_path, qwen, mistral, teacher):
 
 
 # ---------------------------------------------------------------------- (d) gradient accumulation
-class GradCapture(TrainerCallback):
-    def __init__(self, model):
-        self.model, self.grads = model, []
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters()
-                           if p.grad is not None})
-
-
 def test_gradient_accumulation_normalises_over_the_on_policy_batches(tmp_path, qwen, mistral, teacher):
     model = student(mistral)
     grab = GradCapture(model)
