@@ -165,6 +165,33 @@ def test_output_dir_with_user_files_is_refused(teacher_dir, data_file, tmp_path,
     assert code == 2 and "not a .gguf file" in err and "is a file" in err
 
 
+def test_prompt_completion_jsonl_trains_on_completions(teacher_dir, tmp_path, capsys):
+    """``--data`` rows ``{"prompt", "completion"}`` train with KD, the loss on the completions only."""
+    rows = tmp_path / "pc.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": f"Question {i}: what does the fox do?\nAnswer:",
+                                          "completion": f" It jumps over the lazy dog, {i} times."})
+                               for i in range(6)) + "\n", encoding="utf-8")
+    out = tmp_path / "student"
+    code, stdout, err = _main(["--teacher", str(teacher_dir), *STUDENT, "--data", str(rows), "--max-length", "48",
+                               "--output-dir", str(out), *TRAINER_FLAGS[:-2], "--max_steps", "2",
+                               "--save_strategy", "no"], capsys)
+    assert code == 0, err
+    assert "data: 6 examples" in stdout
+    from xtok_kd import load_tokenizer
+    from xtok_kd.data import CrossTokenizerCollator
+
+    collator = CrossTokenizerCollator(load_tokenizer(str(teacher_dir)), load_tokenizer("mistral"))
+    batch = collator([json.loads(line) for line in rows.read_text().splitlines()[:2]])
+    labels, ids = batch["student_labels"], batch["student_input_ids"]
+    mistral = load_tokenizer("mistral").hf
+    for b in range(2):  # the labelled tokens spell the completion, not the prompt
+        kept = ids[b][labels[b] != -100].tolist()
+        assert "Answer" not in mistral.decode(kept) and "lazy dog" in mistral.decode(kept)
+    record = json.loads((out / "xtok_kd_distill.json").read_text())
+    assert record["summary"]["skipped_rows"] == {}
+    assert (out / "model.safetensors").is_file()
+
+
 def test_jsonl_with_bad_rows_reports_skipped_counts(tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     good = [json.dumps({"text": f"Example number {i}: the quick brown fox jumps over the lazy dog."}) for i in range(6)]

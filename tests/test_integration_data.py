@@ -108,6 +108,23 @@ def test_jsonl_with_good_and_bad_rows(tmp_path):
                              "no_assistant_turn"]
 
 
+def test_prompt_completion_rows(tmp_path):
+    """TRL's prompt-completion rows load as such (the loss is then on the completion); a text field wins; a row
+    with an empty completion or half the pair is skipped with a reason."""
+    path = tmp_path / "pc.jsonl"
+    rows = [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}, {"prompt": "", "completion": "only an answer"},
+            {"prompt": "p", "completion": "  "}, {"prompt": "p"}, {"completion": "c"},
+            {"prompt": 3, "completion": "c"}, {"text": "plain", "prompt": "p", "completion": "c"},
+            {"prompt": "Ünïcödé ", "completion": "日本語"}]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    for loss_on in ("all", "assistant"):
+        examples, skipped = load_examples(path, loss_on=loss_on)
+        assert examples == [{"prompt": "Q: 2+2?\nA:", "completion": " 4"},
+                            {"prompt": "", "completion": "only an answer"}, {"text": "plain"},
+                            {"prompt": "Ünïcödé ", "completion": "日本語"}]
+        assert skipped == {"no_text_or_messages": 3, "empty_text": 1}
+
+
 def test_json_list_and_custom_fields(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([{"body": "one"}, {"body": ""}, {"conv": [{"role": "user", "content": "q"},

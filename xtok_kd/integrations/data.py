@@ -1,14 +1,16 @@
 """Training examples from what users have: a text file, JSON lines, a folder of text files, or a ``datasets`` name.
 
 :func:`load_examples` turns a source into the rows :class:`~xtok_kd.integrations.CrossTokenizerKDTrainer` takes,
-``{"text": str}`` or ``{"messages": [{"role": str, "content": str}, ...]}``:
+``{"text": str}``, ``{"prompt": str, "completion": str}`` (the loss on the completion only) or
+``{"messages": [{"role": str, "content": str}, ...]}``:
 
 * a ``.txt`` file, or a folder of them (read recursively, in path order): cut into passages of about
   ``chars_per_example`` characters at paragraph (blank line) boundaries; a longer paragraph is cut at line
   boundaries, a longer line at a space, and a line without one between characters, never inside a character or
   between a character and the combining marks, joiners or variation selectors that follow it;
 * a ``.jsonl`` file (one JSON object a line) or a ``.json`` file (a list of objects, one object, or JSON lines),
-  each row with a ``text`` string or a ``messages`` list (the field names are options);
+  each row with a ``text`` string, a ``messages`` list (these two field names are options), or, without a text
+  field, ``prompt`` and ``completion`` strings (TRL's prompt-completion rows);
 * a ``.parquet`` / ``.csv`` file, a folder written by ``Dataset.save_to_disk``, a folder of data files, or a hub
   name: read with ``datasets`` (``split``, default ``"train"``).
 
@@ -36,8 +38,8 @@ _LOSS_ON = ("all", "assistant")
 _TEXT_SUFFIXES = (".txt",)
 _JSON_SUFFIXES = (".jsonl", ".json")
 _DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-_FORMAT = ("rows must be JSON objects with a non-empty 'text' string, or a 'messages' list of "
-           "{'role': str, 'content': str} objects")
+_FORMAT = ("rows must be JSON objects with a non-empty 'text' string, a 'messages' list of "
+           "{'role': str, 'content': str} objects, or 'prompt' and non-empty 'completion' strings")
 
 
 # ---------------------------------------------------------------------- checking a source without reading it
@@ -202,6 +204,11 @@ def _example(row: Any, *, loss_on: str, text_field: str, messages_field: str) ->
             return None, "no_assistant_turn"
         return {"messages": clean}, None
     text = row.get(text_field)
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if text is None and isinstance(prompt, str) and isinstance(completion, str):
+        if not completion.strip():  # nothing to learn from: the loss is on the completion only
+            return None, "empty_text"
+        return {"prompt": prompt, "completion": completion}, None
     if not isinstance(text, str):
         return None, "no_text_or_messages"
     if not text.strip():
@@ -313,14 +320,16 @@ def load_examples(
     Args:
         source: a ``.txt`` file or folder of them, a ``.jsonl``/``.json`` file, a ``.parquet``/``.csv`` file, a
             folder saved by ``datasets``, or a ``datasets`` hub name.
-        loss_on: ``"assistant"`` also skips chat rows without a non-empty assistant turn (nothing to learn from).
+        loss_on: ``"assistant"`` also skips chat rows without a non-empty assistant turn (nothing to learn from);
+            a prompt/completion row's loss is on its completion either way.
         chars_per_example: passage size for plain text.
         split: the ``datasets`` split (default ``"train"``).
         text_field / messages_field: the row fields holding the text or the conversation (examples always use the
             keys ``"text"`` / ``"messages"``; a message keeps its ``role`` and ``content`` only).
 
     Returns:
-        ``(examples, skipped)``: ``examples`` are ``{"text": str}`` or ``{"messages": [...]}`` dicts in source order;
+        ``(examples, skipped)``: ``examples`` are ``{"text": str}``, ``{"prompt": str, "completion": str}`` or
+        ``{"messages": [...]}`` dicts in source order;
         ``skipped`` counts skipped rows by reason (only reasons that occurred, in :data:`SKIP_REASONS` order):
         ``bad_json`` (a line that is not JSON), ``no_text_or_messages``, ``empty_text``, ``malformed_messages``,
         ``no_assistant_turn``.
