@@ -43,8 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="student TOKENIZER: folder with tokenizer.json (a model folder works), hub id, or an "
                         "embedded name (qwen2.5, mistral, gpt2)")
     p.add_argument("--data", required=True,
-                   help="a .jsonl/.json with a 'text', 'messages' or 'prompt' + 'completion' per row, a .txt (or folder of them) cut into "
-                        "passages at paragraphs, a .parquet/.csv file or a `datasets` name")
+                   help="a .jsonl/.json with a 'text', 'messages' or 'prompt' + 'completion' per row, a .txt (or "
+                        "folder of them) cut into passages at paragraphs, a .parquet/.csv file or a `datasets` name")
     p.add_argument("-o", "--output", required=True, help="the cache folder (new, empty, or a cache to resume)")
     p.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position, 1 to 65536 (64)")
     p.add_argument("--max-length", type=int, default=None, help="truncate each example to this many tokens")

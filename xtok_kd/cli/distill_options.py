@@ -80,8 +80,8 @@ class DistillArguments:
         "precision)")})
     data: str | None = field(default=None, metadata={"help": (
         "training data: a .txt file (cut into passages at blank lines), a .jsonl/.json file with 'text', "
-        "'messages' or 'prompt' + 'completion' rows, a folder of .txt files, a .parquet/.csv file, or a `datasets` name. Not needed with "
-        "--teacher-cache")})
+        "'messages' or 'prompt' + 'completion' rows, a folder of .txt files, a .parquet/.csv file, or a `datasets` "
+        "name. Not needed with --teacher-cache")})
     data_split: str | None = field(default=None, metadata={"help": "`datasets` split of --data/--eval-data (train)"})
     text_field: str = field(default="text", metadata={"help": "row field holding the text (.jsonl/datasets)"})
     messages_field: str = field(default="messages", metadata={"help": (
