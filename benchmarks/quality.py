@@ -196,7 +196,8 @@ class RememberingTeacher(torch.nn.Module):
     student's whole step on a CPU. Every seed and epoch reads the same training examples, so each example's logits
     are computed once (the first time a batch holds it) and reused: the same values as a live teacher, up to the
     float rounding of batch composition. Rows are right-padded (the collator's layout); padding positions get 0.
-    Memory: examples x teacher tokens x 49,152 x 4 bytes (about 1.3 GB for the default 40,000 characters: 107 passages x 64 tokens).
+    Memory: examples x teacher tokens x 49,152 x 4 bytes (about 1.3 GB for the default 40,000 characters: 107
+    passages x 64 tokens).
     """
 
     def __init__(self, teacher: Any) -> None:
