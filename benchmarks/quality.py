@@ -20,7 +20,8 @@ skipped with a note when absent).
 * SeqKD text: each training passage's first quarter continued by the teacher (sampled at temperature 1, seeded:
   :func:`xtok_kd.integrations.teacher_text.generate_teacher_texts`), one teacher passage per training passage,
   generated once. ``seqkd`` trains on that text alone (CE), ``seqkd_real`` on the corpus plus it (CE), ``seqkd_proj``
-  / ``seqkd_proj_tail`` on both with the KD term too (a teacher cache over both).
+  / ``seqkd_proj_tail`` on both with the KD term too (a teacher cache over both), ``seqkd_proj_full`` the same with
+  the live teacher's full logits.
 * Methods (``METHODS``; the reference run's are ``DEFAULT_METHODS``): ``ce`` (kd_weight 0), ``uld_full`` (exact ULD:
   sorted-probability L1 on full logits), ``hybrid`` (GOLD: jsd on matched columns + sorted L1 on the rest; live
   full logits), ``proj_fkl`` (projection through the vocabulary table, forward KL, the cached top-64 renormalised),
@@ -38,7 +39,7 @@ the script is rerun with the same settings (a killed run resumes). Output: a mar
 ``benchmarks/results/quality.md``, and ``benchmarks/results/quality.png`` (mean +- std per method and student
 tokenizer); ``--quick`` writes them under ``<work-dir>/quick`` instead.
 
-    python benchmarks/quality.py                      # the reference run (about 100 CPU-minutes, below)
+    python benchmarks/quality.py                      # the reference run (about 110 CPU-minutes, below)
     python benchmarks/quality.py --quick              # smoke run (~2 minutes): 1 seed, 4 steps
     python benchmarks/quality.py --students mistral --methods ce,proj_fkl,uld --seeds 0,1,2 --steps 150
 
@@ -53,7 +54,7 @@ the Llama-3.2 ones 0.40 (3.65 to 4.44): on 20,000 characters a CE-only Llama stu
 and then drifts up by a seed-dependent amount (held-out bits/byte at steps 10..60, seed 0: 4.41 3.74 3.67 4.19 4.14
 4.44; seed 1: 4.39 3.72 3.55 3.58 3.64 3.65), while on 40,000 it settles (seed 0: ... 3.45 3.46 3.48 3.47; seed 1:
 ... 3.45 3.47 3.48 3.48). The Llama-3.2 student (128k-wide logits) costs about 4x the Mistral one per step and the
-full-logit methods about 2x the cached ones on a CPU: the grid (2 students x 11 methods x 3 seeds) takes about 100
+full-logit methods about 2x the cached ones on a CPU: the grid (2 students x 12 methods x 3 seeds) takes about 110
 CPU-minutes (three processes on 2 cores: ``--students mistral`` and ``--students llama3.2 --seeds 0,1`` / ``--seeds
 2``, then ``--report`` to print the table). Results: ``benchmarks/results/quality.md``; the earlier settings' in
 ``quality_b4x10k.md`` and ``quality_b8x20k.md`` (``--batch-size 4 --train-chars 10000`` / ``--train-chars 20000``).
@@ -115,6 +116,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "onpolicy_fkl": ("on-policy (lmbda 0.5) + projection fkl", {"loss": _proj(), "trainer": {"lmbda": 0.5}}),
     "seqkd_proj": ("SeqKD text + corpus, projection + fkl", {"loss": _proj(), "data": "both"}),
     "seqkd_proj_tail": ("SeqKD text + corpus, projection + fkl + tail", {"loss": _proj(tail=True), "data": "both"}),
+    "seqkd_proj_full": ("SeqKD text + corpus, projection + fkl, full teacher logits (live)",
+                        {"loss": _proj(), "data": "both", "teacher": "full"}),
     "sinkhorn": ("sinkhorn (lexical, top-k)", {"loss": {"mapping": "sinkhorn"}}),
     "sinkhorn_union": ("sinkhorn (lexical, union)", {"loss": {"mapping": "sinkhorn", "sinkhorn_support": "union"}}),
     "sinkhorn_seq": ("sinkhorn (union) + sequence term",
@@ -125,7 +128,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 STUDENTS = ("mistral", "llama3.2")
 #: The reference run's methods (the others are the exploration and earlier runs' in the README).
 DEFAULT_METHODS = ("ce", "seqkd", "seqkd_real", "uld_full", "hybrid", "proj_fkl", "proj_fkl_tail", "proj_fkl_full",
-                   "onpolicy", "seqkd_proj", "seqkd_proj_tail")
+                   "onpolicy", "seqkd_proj", "seqkd_proj_tail", "seqkd_proj_full")
 
 
 def reads_full_logits(spec: dict[str, Any]) -> bool:
@@ -247,7 +250,8 @@ def train_and_score(method: str, *, seed: int, student_tok: Any, teacher_tok: An
     if spec.get("data") == "teacher_text":
         dataset, max_length = teacher_text, opts.max_length
     elif spec.get("data") == "both":  # the corpus and the teacher's text (SeqKD's) together
-        dataset, max_length = (mixed_cache, None) if loss_options else (examples + teacher_text, opts.max_length)
+        cached = loss_options and not full_logits
+        dataset, max_length = (mixed_cache, None) if cached else (examples + teacher_text, opts.max_length)
     elif full_logits:
         dataset, max_length = examples, opts.max_length
     else:
@@ -491,7 +495,8 @@ def main(argv: list[str] | None = None) -> str:
             cache = TeacherCache(cache_dir)
             print(f"[{name}] teacher cache: {cache_dir} ({time.time() - t:.0f} s)", flush=True)
         mixed_cache = None
-        if any(METHODS[m][1].get("data") == "both" and METHODS[m][1]["loss"] for m in opts.methods):
+        if any(METHODS[m][1].get("data") == "both" and METHODS[m][1]["loss"] and not reads_full_logits(METHODS[m][1])
+               for m in opts.methods):
             mixed_dir = work / (f"teacher-{name}-k{opts.top_k}-L{opts.max_length}-n{opts.train_chars}-seqkd-"
                                 f"s{opts.seqkd_prompt_share}-t{opts.seqkd_temperature}")
             write_teacher_cache(teacher, teacher_tok, student_tok, examples + seqkd_text, mixed_dir, top_k=opts.top_k,
