@@ -131,6 +131,12 @@ DEFAULT_METHODS = ("ce", "seqkd", "seqkd_real", "uld_full", "hybrid", "proj_fkl"
                    "onpolicy", "seqkd_proj", "seqkd_proj_tail", "seqkd_proj_full")
 
 
+def reads_mixed_cache(spec: dict[str, Any]) -> bool:
+    """Whether a method trains from the teacher cache over the corpus and the teacher's text (``data="both"`` with
+    a KD term on the cached top-k)."""
+    return spec.get("data") == "both" and spec["loss"] is not None and not reads_full_logits(spec)
+
+
 def reads_full_logits(spec: dict[str, Any]) -> bool:
     """Whether a method trains on the live teacher's full logits (hybrid, ``teacher="full"``) rather than the cache."""
     loss = spec["loss"]
@@ -250,8 +256,8 @@ def train_and_score(method: str, *, seed: int, student_tok: Any, teacher_tok: An
     if spec.get("data") == "teacher_text":
         dataset, max_length = teacher_text, opts.max_length
     elif spec.get("data") == "both":  # the corpus and the teacher's text (SeqKD's) together
-        cached = loss_options and not full_logits
-        dataset, max_length = (mixed_cache, None) if cached else (examples + teacher_text, opts.max_length)
+        dataset, max_length = ((mixed_cache, None) if reads_mixed_cache(spec)
+                               else (examples + teacher_text, opts.max_length))
     elif full_logits:
         dataset, max_length = examples, opts.max_length
     else:
@@ -495,8 +501,7 @@ def main(argv: list[str] | None = None) -> str:
             cache = TeacherCache(cache_dir)
             print(f"[{name}] teacher cache: {cache_dir} ({time.time() - t:.0f} s)", flush=True)
         mixed_cache = None
-        if any(METHODS[m][1].get("data") == "both" and METHODS[m][1]["loss"] and not reads_full_logits(METHODS[m][1])
-               for m in opts.methods):
+        if any(reads_mixed_cache(METHODS[m][1]) for m in opts.methods):
             mixed_dir = work / (f"teacher-{name}-k{opts.top_k}-L{opts.max_length}-n{opts.train_chars}-seqkd-"
                                 f"s{opts.seqkd_prompt_share}-t{opts.seqkd_temperature}")
             write_teacher_cache(teacher, teacher_tok, student_tok, examples + seqkd_text, mixed_dir, top_k=opts.top_k,
